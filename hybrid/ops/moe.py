@@ -131,8 +131,7 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
         (M, F).
     """
     use_fused, reason = grouped_mm_backend(x_MD, w_EDF)
-    if x_MD.is_cuda:
-        _log_choice("torch._grouped_mm" if use_fused else "per-expert loop", reason)
+    _log_choice("torch._grouped_mm" if use_fused else "per-expert loop", reason)
     if use_fused:
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return torch._grouped_mm(x_MD.contiguous(), w_EDF.contiguous(), offs=offs_E)

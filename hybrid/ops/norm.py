@@ -1,0 +1,42 @@
+"""`rmsnorm` and `gated_rmsnorm` (Mamba-2's grouped, gated RMSNorm).
+
+Implementations: "torch" (`hybrid_kernels.rmsnorm_ref`, any device). See `hybrid.ops._registry`
+for how one is chosen.
+"""
+
+from __future__ import annotations
+
+from hybrid_kernels.rmsnorm_ref import gated_rmsnorm_ref, rmsnorm_ref
+from torch import Tensor
+
+from hybrid.ops._registry import define_op
+
+RMSNORM = define_op("rmsnorm")
+RMSNORM.register("torch", rmsnorm_ref)
+GATED_RMSNORM = define_op("gated_rmsnorm")
+GATED_RMSNORM.register("torch", gated_rmsnorm_ref)
+
+
+def rmsnorm(
+    x: Tensor, weight: Tensor | None, eps: float = 1e-5, *, impl: str | None = None
+) -> Tensor:
+    """RMSNorm over the last dim: x (..., D), weight (D) -> (..., D) in x's dtype."""
+    return RMSNORM.select(x.device, impl).fn(x, weight, eps)
+
+
+def gated_rmsnorm(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    eps: float = 1e-5,
+    *,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+    impl: str | None = None,
+) -> Tensor:
+    """Gated RMSNorm per group of `group_size` channels: x, z (..., D), weight (D) -> (..., D)."""
+    fn = GATED_RMSNORM.select(x.device, impl).fn
+    return fn(x, z, weight, eps, group_size=group_size, norm_before_gate=norm_before_gate)
+
+
+__all__ = ["GATED_RMSNORM", "RMSNORM", "gated_rmsnorm", "rmsnorm"]
