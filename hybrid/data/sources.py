@@ -23,10 +23,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybrid.data.cache import cache_key, cached_entry, read_meta
+from hybrid.data.cache import cache_key, cached_entry
 from hybrid.data.indexed import IndexedDataset
 from hybrid.data.prepare import TokenizePool
-from hybrid.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from hybrid.data.tokenizer import Tokenizer, build_tokenizer
 from hybrid.recipe.data_config import DataConfig, DataSourceConfig
 from hybrid.recipe.schema import ConfigError
 
@@ -99,7 +99,9 @@ def _stdlib_cache(src: DataSourceConfig, cfg: DataConfig, fraction: float, progr
             for split, names in (("train", train), ("valid", valid)):
                 texts = (_read_source(root / f) for f in names)
                 desc = f"stdlib {split}"
-                out = pool.write(texts, str(tmp / split), total=len(names), progress=progress, desc=desc)
+                out = pool.write(
+                    texts, str(tmp / split), total=len(names), progress=progress, desc=desc
+                )
                 stats[split] = {"documents": out.documents, "tokens": out.tokens}
         return {"source": "stdlib", "root": str(root), "files": len(files), **stats}
 
@@ -168,7 +170,9 @@ def _texts(rows: Iterable[dict], field: str, where: str) -> Iterator[str | None]
     for row in rows:
         if field not in row:
             columns = ", ".join(row)
-            raise ConfigError(f"{where}: no column {field!r} (columns: {columns})", key="text_field")
+            raise ConfigError(
+                f"{where}: no column {field!r} (columns: {columns})", key="text_field"
+            )
         yield row[field]
 
 
@@ -184,7 +188,7 @@ def iter_hub_texts(src: DataSourceConfig) -> Iterator[str | None]:
             "need network access; for local files give a path that exists",
             key="path",
         ) from None
-    yield from _texts(rows, src.text_field, src.path or "")
+    return _texts(rows, src.text_field, src.path or "")
 
 
 def _is_local(path: str) -> bool:
@@ -201,17 +205,20 @@ def _hf_cache(src: DataSourceConfig, cfg: DataConfig, progress: bool) -> Path:
     assert src.path is not None
     tokenizer = build_tokenizer(cfg.tokenizer)
     parts: dict = {"kind": "hf", "text_field": src.text_field, "tokenizer": tokenizer.identity}
-    if _is_local(src.path):
+    local = _is_local(src.path)
+    if local:
         files = resolve_local_files([src.path], src.max_files)
         parts["files"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         parts["sample_by"] = src.sample_by
-        texts = iter_local_texts(files, text_field=src.text_field, sample_by=src.sample_by)
     else:
         parts["hub"] = [src.path, src.name, src.split]
-        texts = iter_hub_texts(src)
 
     def build(tmp: Path) -> dict:
         log.info("tokenising %s into the cache", src.describe())
+        if local:
+            texts = iter_local_texts(files, text_field=src.text_field, sample_by=src.sample_by)
+        else:
+            texts = iter_hub_texts(src)
         with TokenizePool(cfg.tokenizer, cfg.resolved_num_workers()) as pool:
             out = pool.write(texts, str(tmp / "data"), progress=progress, desc=src.describe())
         return {"source": src.describe(), "documents": out.documents, "tokens": out.tokens}
@@ -271,7 +278,9 @@ def load_source(
         train = IndexedDataset(entry / "train")
         valid = IndexedDataset(entry / "valid")
         valid_span = DocSpan(valid, 0, valid.num_documents, name) if valid.num_documents else None
-        return SourceData(name, src.weight, DocSpan(train, 0, train.num_documents, name), valid_span)
+        return SourceData(
+            name, src.weight, DocSpan(train, 0, train.num_documents, name), valid_span
+        )
     if src.kind == "hf":
         dataset = IndexedDataset(_hf_cache(src, cfg, progress) / "data")
     else:
@@ -281,10 +290,14 @@ def load_source(
 
 
 def load_sources(
-    cfg: DataConfig, *, progress: bool = True
-) -> tuple[ByteTokenizer | HFTokenizer, list[SourceData], list[DocSpan]]:
-    """The tokenizer, the training sources and the validation spans of a `DataConfig`."""
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    cfg: DataConfig,
+    *,
+    tokenizer: Tokenizer | None = None,
+    progress: bool = True,
+) -> tuple[Tokenizer, list[SourceData], list[DocSpan]]:
+    """The tokenizer, the training sources and the validation spans of a `DataConfig`
+    (`tokenizer`: the one `cfg.tokenizer` builds, if the caller has it already)."""
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer)
     holdout = not cfg.valid_sources
     train = []
     for i, src in enumerate(cfg.resolved_sources()):

@@ -68,7 +68,7 @@ class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer loaded from a `tokenizer.json` file."""
 
     def __init__(self, path: str, eod_token: str | None = None):
-        from tokenizers import Tokenizer as _HF
+        from tokenizers import Tokenizer as HFBackend
 
         file = Path(path).expanduser()
         if file.is_dir():
@@ -77,7 +77,7 @@ class HFTokenizer:
             raise ConfigError(f"tokenizer file not found: {file}", key="data.tokenizer.path")
         data = file.read_bytes()
         try:
-            self._tok = _HF.from_str(data.decode("utf-8"))
+            self._tok = HFBackend.from_str(data.decode("utf-8"))
         except Exception as err:  # the Rust side raises plain Exception subclasses
             raise ConfigError(
                 f"cannot load {file} as a tokenizer.json: {err}", key="data.tokenizer.path"
@@ -140,24 +140,28 @@ def train_bpe_tokenizer(
     *,
     eod_token: str = DEFAULT_EOD_TOKEN,
     text_field: str = "text",
+    sample_by: str = "document",
+    max_files: int | None = None,
     min_frequency: int = 2,
     show_progress: bool = True,
 ) -> HFTokenizer:
     """Train a byte-level BPE tokenizer on local text files and save it as `output_path`.
 
-    `files` may be .txt/.json/.jsonl/.parquet files, directories or globs (read as `hybrid data
-    prepare` reads them, `text_field` naming the json/parquet column). The vocabulary holds the
-    256 byte symbols, the merges and `eod_token` (a special token: the end-of-document id).
+    `files` may be .txt/.json/.jsonl/.parquet files, directories or globs, read as `hybrid data
+    prepare` reads them (`text_field`, `sample_by`, `max_files`). The vocabulary holds the 256
+    byte symbols, `eod_token` (a special token: the end-of-document id) and the merges.
     """
-    from tokenizers import Tokenizer as _HF
+    from tokenizers import Tokenizer as HFBackend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from hybrid.data.sources import iter_local_texts, resolve_local_files
 
-    if vocab_size < 257 + 1:
-        raise ConfigError("must be at least 258 (256 bytes, the EOD token, a merge)", key="vocab")
-    paths = resolve_local_files(files)
-    tok = _HF(models.BPE())
+    if vocab_size < 258:
+        raise ConfigError(
+            f"the vocabulary size must be at least 258 (256 bytes, EOD, a merge): {vocab_size}"
+        )
+    paths = resolve_local_files(files, max_files=max_files)
+    tok = HFBackend(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -167,7 +171,8 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tok.train_from_iterator(iter_local_texts(paths, text_field=text_field), trainer=trainer)
+    texts = (t for t in iter_local_texts(paths, text_field=text_field, sample_by=sample_by) if t)
+    tok.train_from_iterator(texts, trainer=trainer)
     out = Path(output_path).expanduser()
     if out.is_dir():
         out = out / "tokenizer.json"

@@ -28,19 +28,19 @@ class KVState:
     v: Tensor
 
 
-def rope_cos_sin(positions_BL: Tensor, rotary_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (B,L,1,R) for the given positions (fp32)."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, rotary_dim, 2, device=positions_BL.device, dtype=torch.float32) / rotary_dim
-    )
-    freqs = positions_BL.float()[..., None] * inv_freq  # (B,L,R/2)
+def rope_cos_sin(positions_BL: Tensor, rotary_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B,L,1,R) for the given positions (fp32, or fp64 if asked)."""
+    dev = positions_BL.device
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=dev, dtype=dtype) / rotary_dim)
+    freqs = positions_BL.to(dtype)[..., None] * inv_freq  # (B,L,R/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x_BLHE: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     R = cos.shape[-1]
-    rot, rest = x_BLHE[..., :R].float(), x_BLHE[..., R:]
+    rot, rest = x_BLHE[..., :R].to(cos.dtype), x_BLHE[..., R:]
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
     return torch.cat([rotated.to(x_BLHE.dtype), rest], dim=-1)
@@ -84,7 +84,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary_dim:
-            cos, sin = rope_cos_sin(positions_BL, self.rotary_dim, self.cfg.rope_theta)
+            dtype = torch.promote_types(q.dtype, torch.float32)
+            cos, sin = rope_cos_sin(positions_BL, self.rotary_dim, self.cfg.rope_theta, dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 

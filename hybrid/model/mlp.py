@@ -19,6 +19,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybrid.model.registry import register_sublayer
 from hybrid.recipe.blocks import MLPConfig
 
 
@@ -59,6 +60,7 @@ def apply_activation(activation: str, up_XF: Tensor, gate_XF: Tensor | None = No
     return fn(up_XF)
 
 
+@register_sublayer("-")
 class MLP(nn.Module):
     """Dense MLP. Parameters: `gate_proj` (SwiGLU only), `up_proj`, `down_proj` (nn.Linear)."""
 
@@ -67,6 +69,7 @@ class MLP(nn.Module):
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"unknown MLP activation {cfg.activation!r}")
         self.activation = cfg.activation
+        self.layer_idx = -1  # set by the LM
         hidden = cfg.resolved_hidden(d_model)
         self.gate_proj: nn.Linear | None = None
         if is_gated(cfg.activation):

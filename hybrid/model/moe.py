@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from hybrid.model.mlp import MLP, apply_activation, is_gated
+from hybrid.model.registry import register_sublayer
 from hybrid.ops.moe import grouped_mm, permute, unpermute
 from hybrid.recipe.blocks import MLPConfig, MoEConfig
 
@@ -64,12 +65,18 @@ class MoEStats:
 
 
 class Routing(NamedTuple):
-    """weights_TK and expert_idx_TK: the picks; probs_TE: normalised probabilities (aux loss)."""
+    """The router's decision for T tokens.
 
-    weights_TK: Tensor
-    expert_idx_TK: Tensor
-    probs_TE: Tensor
-    logits_TE: Tensor
+    weights: (T, K) routing weights (routed_scaling_factor applied).
+    expert_idx: (T, K) int64 selected experts.
+    probs: (T, E) normalised router probabilities (for the aux loss and entropy).
+    logits: (T, E) router logits (for the z-loss).
+    """
+
+    weights: Tensor
+    expert_idx: Tensor
+    probs: Tensor
+    logits: Tensor
 
 
 # A router: (logits_TE, top_k, renormalize, selection bias_E or None) -> (weights, idx, probs).
@@ -224,6 +231,7 @@ def router_entropy(probs_TE: Tensor) -> Tensor:
     return -(probs_TE * probs_TE.clamp_min(tiny).log()).sum(-1).mean()
 
 
+@register_sublayer("E")
 class MoE(nn.Module):
     """Routed experts (`router`, `experts`) plus optional always-on `shared_experts` (an MLP of
     width cfg.shared_hidden(d_model), added without a gate)."""
@@ -231,6 +239,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = -1  # set by the LM
         self.router = Router(cfg, d_model)
         self.experts = GroupedExperts(cfg, d_model)
         self.shared_experts: MLP | None = None
@@ -265,28 +274,28 @@ class MoE(nn.Module):
         n_tokens = x_TD.shape[0]
         route = self.router(x_TD)
         x_MD, order_M, counts_E = permute(
-            x_TD, route.expert_idx_TK, self.cfg.n_experts, capacity=self.capacity(n_tokens)
+            x_TD, route.expert_idx, self.cfg.n_experts, capacity=self.capacity(n_tokens)
         )
-        expert_M = route.expert_idx_TK.reshape(-1)[order_M] if self.experts.has_bias else None
+        expert_M = route.expert_idx.reshape(-1)[order_M] if self.experts.has_bias else None
         y_MD = self.experts(x_MD, counts_E, expert_M)
-        y_TD = unpermute(y_MD, order_M, route.weights_TK, n_tokens)
+        y_TD = unpermute(y_MD, order_M, route.weights, n_tokens)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)[0]
         return y_TD.view(shape), self._stats(route, kept=order_M.numel())
 
     def _stats(self, route: Routing, kept: int) -> MoEStats:
-        n_assign = route.expert_idx_TK.numel()
-        routed_E = torch.bincount(route.expert_idx_TK.reshape(-1), minlength=self.cfg.n_experts)
-        lb = load_balance_loss(route.probs_TE, routed_E)
-        z = z_loss(route.logits_TE)
+        n_assign = route.expert_idx.numel()
+        routed_E = torch.bincount(route.expert_idx.reshape(-1), minlength=self.cfg.n_experts)
+        lb = load_balance_loss(route.probs, routed_E)
+        z = z_loss(route.logits)
         aux = self.cfg.aux_loss_coef * lb + self.cfg.z_loss_coef * z
-        dtype = route.probs_TE.dtype
+        dtype = route.probs.dtype
         return MoEStats(
             aux_loss=aux,
             load_balance_loss=lb.detach(),
             z_loss=z.detach(),
             expert_load=routed_E.to(dtype) / max(n_assign, 1),
-            router_entropy=router_entropy(route.probs_TE.detach()),
+            router_entropy=router_entropy(route.probs.detach()),
             dropped_fraction=torch.tensor(
                 1.0 - kept / max(n_assign, 1), dtype=dtype, device=routed_E.device
             ),

@@ -2,7 +2,7 @@
 validation set is held out, and where tokenised caches live.
 
 `DataConfig()` is valid on its own and means the embedded default: the Python sources of the
-running interpreter's standard library, byte-level tokenised, 1% of files held out.
+running interpreter's standard library, byte-level tokenised, 2% of files held out.
 
 Example recipe section::
 
@@ -113,7 +113,7 @@ class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=list)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     valid_sources: list[DataSourceConfig] = field(default_factory=list)
-    valid_fraction: float = 0.01
+    valid_fraction: float = 0.02
     eod_mask_loss: bool = False
     num_workers: int | None = None
     cache_dir: str | None = None

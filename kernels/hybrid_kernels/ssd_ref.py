@@ -130,9 +130,15 @@ def _intra_chunk(
     return torch.einsum("bcgrqs,bcsgrp->bcqgrp", M_BCGRQS, xdt_BCQGRP)
 
 
+def _sum_after(x_XQ: Tensor) -> Tensor:
+    """out[..., q] = sum_{k > q} x[..., k], by a reversed cumsum (no cumsum differences)."""
+    rev_XQ = torch.flip(torch.cumsum(torch.flip(x_XQ, dims=[-1]), dim=-1), dims=[-1])
+    return F.pad(rev_XQ[..., 1:], (0, 1))
+
+
 def _chunk_states(
     xdt_BCQGRP: Tensor,
-    dAcs_BCGRQ: Tensor,
+    dA_BCGRQ: Tensor,
     B_BCQGN: Tensor,
     seq_BCQ: Tensor | None,
 ) -> Tensor:
@@ -140,7 +146,7 @@ def _chunk_states(
 
     Only positions of the document active at the chunk's last position contribute.
     """
-    decay_BCGRQ = torch.exp(dAcs_BCGRQ[..., -1:] - dAcs_BCGRQ)
+    decay_BCGRQ = torch.exp(_sum_after(dA_BCGRQ))
     if seq_BCQ is not None:
         same_BCQ = seq_BCQ == seq_BCQ[..., -1:]
         decay_BCGRQ = decay_BCGRQ * same_BCQ[:, :, None, None, :].to(decay_BCGRQ.dtype)
@@ -259,7 +265,7 @@ def ssd_chunked_ref(
         init_BGRPN = initial_states.to(ct).view(batch, G, R, P, N)
 
     y_BCQGRP = _intra_chunk(xdt_BCQGRP, dA_BCGRQ, B_BCQGN, C_BCQGN, seq_BCQ)
-    states_BCGRPN = _chunk_states(xdt_BCQGRP, dAcs_BCGRQ, B_BCQGN, seq_BCQ)
+    states_BCGRPN = _chunk_states(xdt_BCQGRP, dA_BCGRQ, B_BCQGN, seq_BCQ)
     prev_BCGRPN, final_BGRPN = _pass_states(states_BCGRPN, dAcs_BCGRQ, init_BGRPN, carry_BC)
     y_BCQGRP = y_BCQGRP + _state_to_output(prev_BCGRPN, dAcs_BCGRQ, C_BCQGN, see_BCQ)
 

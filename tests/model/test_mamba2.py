@@ -9,7 +9,14 @@ from hybrid.model.context import ForwardContext
 from hybrid.model.mamba2 import Mamba2Mixer
 from hybrid.recipe.blocks import Mamba2Config
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def rel(a, b):

@@ -53,8 +53,9 @@ def test_grouped_mm_loop_is_differentiable():
 
 
 def test_grouped_mm_backend_on_cpu_is_the_loop():
-    use, reason = grouped_mm_backend(torch.zeros(4, 8, dtype=torch.bfloat16),
-                                     torch.zeros(2, 8, 8, dtype=torch.bfloat16))
+    use, reason = grouped_mm_backend(
+        torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(2, 8, 8, dtype=torch.bfloat16)
+    )
     assert not use and "CUDA" in reason
 
 

@@ -1,0 +1,258 @@
+"""`hybrid train`: the pretraining loop, wired from small builder functions.
+
+Resumes exactly from the run directory's latest checkpoint (model, optimizer, scheduler, RNG,
+data position); saves every `train.save_every` steps, at the end, and on SIGTERM / SIGUSR1 (then
+exits cleanly so Slurm can requeue). Writes TensorBoard events and `metrics.jsonl` (one JSON line
+per step) into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hybrid.data.loader import TrainDataLoader, build_validation_batches
+from hybrid.data.tokenizer import build_tokenizer
+from hybrid.model import build_model
+from hybrid.parallel.base import Backend
+from hybrid.parallel.local import LocalBackend
+from hybrid.recipe.analysis import model_figures
+from hybrid.recipe.recipe import Recipe, recipe_from_dict
+from hybrid.recipe.schema import ConfigError, to_dict
+from hybrid.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from hybrid.train.logging_utils import MetricsLogger, ProgressLine
+from hybrid.train.metrics import ThroughputMeter, memory_gb, mfu, peak_bf16_flops
+from hybrid.train.optim import build_optimizer
+from hybrid.train.rng import capture_rng_state, restore_rng_state
+from hybrid.train.schedule import build_scheduler
+from hybrid.train.signals import PreemptionHandler
+from hybrid.train.step import StepResult, evaluate, train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    stopped_by: str | None = None
+
+
+@dataclass
+class Session:
+    """Everything a run holds, built by `setup`."""
+
+    recipe: Recipe
+    backend: Backend
+    run_dir: Path
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: TrainDataLoader
+    val_batches: list
+    precision: str
+    flops_per_token: float
+    step: int = 0
+
+
+def resolve_run_dir(recipe: Recipe, override: str | None) -> Path:
+    text = override or recipe.train.run_dir
+    return Path(text.format(name=recipe.name)).expanduser()
+
+
+def build_backend(recipe: Recipe) -> Backend:
+    t = recipe.train
+    if recipe.parallel.backend == "local":
+        return LocalBackend(device=t.device, activation_checkpointing=t.activation_checkpointing,
+                            compile=t.compile)
+    raise ConfigError(f"unknown parallel.backend {recipe.parallel.backend!r}")
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if requested == "bf16" and device.type == "cpu":
+        log.warning("bf16 autocast on CPU is slow; fp32 is the CPU default")
+    return requested
+
+
+def setup(recipe: Recipe, run_dir: Path) -> Session:
+    """Build backend, tokenizer check, model, optimizer, schedule and data for `recipe`."""
+    t = recipe.train
+    backend = build_backend(recipe)
+    torch.manual_seed(t.seed)
+    tokenizer = build_tokenizer(recipe.data.tokenizer)
+    if tokenizer.vocab_size > recipe.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+            f"{recipe.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}",
+            key="model.vocab_size")
+    model = build_model(recipe.model, device=backend.device)
+    train_model = backend.parallelize(model)
+    optimizer, groups = build_optimizer(model, t.optimizer, backend.device.type)
+    scheduler = build_scheduler(optimizer, t.schedule, t.steps)
+    loader = TrainDataLoader(recipe.data, tokenizer=tokenizer, seq_len=t.seq_len,
+                             micro_batch_size=t.micro_batch_size, seed=t.seed,
+                             rank=backend.rank, world_size=backend.world_size)
+    val = build_validation_batches(recipe.data, tokenizer=tokenizer, seq_len=t.seq_len,
+                                   micro_batch_size=t.micro_batch_size,
+                                   num_batches=t.eval_batches, rank=backend.rank,
+                                   world_size=backend.world_size)
+    figures = model_figures(recipe.model, seq_len=t.seq_len, context=t.seq_len)
+    if backend.is_main:
+        log.info("%s; %s parameters; optimizer groups %s", backend.describe(),
+                 f"{figures.params_total:,}", groups)
+    return Session(recipe=recipe, backend=backend, run_dir=run_dir, model=model,
+                   train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+                   loader=loader, val_batches=val,
+                   precision=resolve_precision(t.precision, backend.device),
+                   flops_per_token=figures.flops_per_token)
+
+
+def save(s: Session, losses: dict[int, float]) -> None:
+    state = {
+        "step": s.step,
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "rng": capture_rng_state(),
+        "data": s.loader.state_dict(),
+    }
+    model_state = s.backend.model_state(s.model)
+    if s.backend.is_main:
+        save_checkpoint(s.run_dir, s.step, model_state=model_state, train_state=state,
+                        recipe=s.recipe.to_dict(), keep=s.recipe.train.keep_checkpoints)
+    s.backend.barrier()
+
+
+def check_compatible(recipe: Recipe, saved: dict) -> None:
+    """Refuse to resume a checkpoint of a different model."""
+    saved_model = to_dict(recipe_from_dict(saved).model)
+    if saved_model != to_dict(recipe.model):
+        raise ConfigError("the run directory's checkpoint was made with a different model "
+                          "section; use another --run-dir or the original recipe")
+
+
+def restore(s: Session, path: Path) -> None:
+    ckpt = load_checkpoint(path)
+    check_compatible(s.recipe, ckpt.recipe)
+    s.backend.load_model_state(s.model, ckpt.model_state)
+    st = ckpt.train_state
+    s.optimizer.load_state_dict(st["optimizer"])
+    s.scheduler.load_state_dict(st["scheduler"])
+    s.loader.load_state_dict(st["data"])
+    restore_rng_state(st["rng"])
+    s.step = int(st["step"])
+    if s.backend.is_main:
+        log.info("resumed from %s at step %d", path, s.step)
+
+
+def next_batches(s: Session) -> list:
+    n = s.recipe.train.grad_accum_steps(s.backend.world_size)
+    return [next(s.loader) for _ in range(n)]
+
+
+def log_step(s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsLogger,
+             progress: ProgressLine) -> None:
+    lr = s.scheduler.get_last_lr()[0]
+    tps = meter.tokens_per_second()
+    scalars = {"train/loss": r.loss, "train/lr": lr, "train/grad_norm": r.grad_norm,
+               "train/tokens_per_s": tps, "train/memory_gb": memory_gb(s.backend.device)}
+    peak = peak_bf16_flops(s.backend.device)
+    if peak and tps:
+        scalars["train/mfu"] = mfu(tps, s.flops_per_token, peak * s.backend.world_size)
+    if r.moe:
+        scalars["moe/aux_loss"] = r.aux_loss
+        for idx, stats in r.moe.items():
+            scalars[f"moe/layer{idx}/router_entropy"] = stats["entropy"]
+            scalars[f"moe/layer{idx}/dropped_fraction"] = stats["dropped"]
+            for e, load in enumerate(stats["load"].tolist()):
+                scalars[f"moe/layer{idx}/load/expert{e}"] = load
+    logger.add_scalars(scalars, s.step)
+    if s.backend.is_main:
+        with open(s.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": s.step, "loss": r.loss, "lr": lr,
+                                "grad_norm": r.grad_norm, "tokens_per_s": tps,
+                                "mfu": scalars.get("train/mfu")}) + "\n")
+    if s.step % s.recipe.train.log_every == 0 or s.step == s.recipe.train.steps:
+        progress.update(step=s.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm,
+                        tokens_per_s=tps, mfu=scalars.get("train/mfu"))
+
+
+def maybe_evaluate(s: Session, logger: MetricsLogger) -> None:
+    t = s.recipe.train
+    if not s.val_batches or not t.eval_every or s.step % t.eval_every and s.step != t.steps:
+        return
+    loss = evaluate(s.train_model, s.val_batches, s.backend, s.precision)
+    ppl = math.exp(min(loss, 50.0))
+    logger.add_scalars({"val/loss": loss, "val/ppl": ppl}, s.step)
+    if s.backend.is_main:
+        log.info("step %d: validation loss %.4f, perplexity %.2f", s.step, loss, ppl)
+
+
+def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: str) -> Path | None:
+    """Create the run dir; return the checkpoint to resume from (per `resume`)."""
+    latest = find_latest(run_dir) if run_dir.exists() else None
+    if resume == "always" and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    if resume == "never" and latest is not None:
+        raise ConfigError(f"{run_dir} already has checkpoints; pass --resume to continue it or "
+                          "choose another --run-dir (nothing was overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return latest
+
+
+def train(recipe: Recipe, *, run_dir: str | None = None, resume: str = "auto",
+          stop_at_step: int | None = None) -> TrainResult:
+    """Run (or continue) training; returns the per-step losses of this invocation."""
+    path = resolve_run_dir(recipe, run_dir)
+    latest = prepare_run_dir(recipe, path, resume)
+    s = setup(recipe, path)
+    try:
+        if latest is not None:
+            restore(s, latest)
+        elif s.backend.is_main:
+            (path / "recipe.yaml").write_text(recipe.to_yaml())
+        return _run(s, stop_at_step)
+    finally:
+        s.backend.close()
+
+
+def _run(s: Session, stop_at_step: int | None) -> TrainResult:
+    t = s.recipe.train
+    result = TrainResult(run_dir=s.run_dir, step=s.step)
+    logger = MetricsLogger(s.run_dir, enabled=s.backend.is_main)
+    progress = ProgressLine(total_steps=t.steps, enabled=s.backend.is_main)
+    meter = ThroughputMeter()
+    last = min(t.steps, stop_at_step or t.steps)
+    s.train_model.train()
+    with PreemptionHandler() as preempt:
+        while s.step < last:
+            batches = next_batches(s)
+            r = train_step(s.train_model, batches, s.optimizer, s.backend,
+                           precision=s.precision, grad_clip=t.optimizer.grad_clip)
+            s.scheduler.step()
+            s.step += 1
+            meter.update(r.tokens)
+            result.losses[s.step] = r.loss
+            if not math.isfinite(r.loss):
+                raise FloatingPointError(f"loss is {r.loss} at step {s.step}; lower the "
+                                         "learning rate or check the data")
+            log_step(s, r, meter, logger, progress)
+            maybe_evaluate(s, logger)
+            if preempt.requested:
+                result.stopped_by = preempt.requested
+                break
+            if t.save_every and s.step % t.save_every == 0 and s.step < last:
+                save(s, result.losses)
+    save(s, result.losses)
+    logger.close()
+    progress.finish(step=s.step, stopped_by=result.stopped_by)
+    result.step = s.step
+    return result
