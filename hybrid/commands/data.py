@@ -16,7 +16,8 @@ every document. One document per json/parquet row (column --text-field) or per .
 (--sample-by). The output is identical whatever --workers is. Use it in a recipe as
   data: {sources: [{kind: indexed, path: PREFIX}], tokenizer: <the same tokenizer>}"""
 
-PREPARE_EXAMPLES = """  hybrid data prepare corpus.jsonl --output data/corpus --tokenizer byte --workers 4
+PREPARE_EXAMPLES = """\
+  hybrid data prepare corpus.jsonl --output data/corpus --tokenizer byte --workers 4
   hybrid data prepare 'shards/*.parquet' --output data/web --tokenizer tok/tokenizer.json
   hybrid data prepare books/ --output data/books --sample-by paragraph
 """
@@ -26,7 +27,8 @@ TRAIN_TOKENIZER_HELP = """Train a byte-level BPE tokenizer (Hugging Face `tokeni
 special token. Use it with `--tokenizer PATH` in `hybrid data prepare` and as
   data: {tokenizer: {kind: hf, path: PATH}}"""
 
-TRAIN_TOKENIZER_EXAMPLES = """  hybrid data train-tokenizer corpus.jsonl --vocab-size 32000 --output tok/tokenizer.json
+TRAIN_TOKENIZER_EXAMPLES = """\
+  hybrid data train-tokenizer corpus.jsonl --vocab-size 32000 --output tok/tokenizer.json
   hybrid data train-tokenizer 'books/*.txt' --vocab-size 8192 --output tok/
 """
 

@@ -171,7 +171,7 @@ class IndexedDataset:
         ok = len(self.document_indices) >= 1 and self.document_indices[-1] == len(lengths)
         total = int(lengths.sum(dtype=np.int64))
         ok = ok and total * self.dtype.itemsize == os.path.getsize(bin_path(self.prefix))
-        expected = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])
+        expected = np.cumsum(lengths, dtype=np.int64) - lengths  # each sequence's start
         ok = ok and np.array_equal(pointers, expected * self.dtype.itemsize)
         if not ok:
             raise ConfigError(f"{self.prefix}: .idx does not match .bin (corrupt or truncated?)")

@@ -136,11 +136,14 @@ class TrainDataLoader:
         """Samples consumed by one step of all ranks."""
         return self.micro_batch_size * self.world_size
 
+    def rank_samples(self, consumed_samples: int) -> np.ndarray:
+        """Global sample numbers of this rank's batch in the step starting at `consumed_samples`."""
+        first = consumed_samples + self.rank * self.micro_batch_size
+        return np.arange(first, first + self.micro_batch_size, dtype=np.int64)
+
     def batch_at(self, consumed_samples: int) -> Batch:
         """This rank's batch of the global step that starts at `consumed_samples`."""
-        first = consumed_samples + self.rank * self.micro_batch_size
-        samples = np.arange(first, first + self.micro_batch_size, dtype=np.int64)
-        source, index = self.order(samples)
+        source, index = self.order(self.rank_samples(consumed_samples))
         rows = _gather(self.datasets, source, index)
         return _to_torch(make_batch(rows, self.eod_id, self.cfg.eod_mask_loss))
 

@@ -86,10 +86,15 @@ def _chunks(texts: Iterable[str | None]) -> Iterator[list[str]]:
 class TokenizePool:
     """Tokenises chunks of documents in `workers` processes (in-process when 1), in order."""
 
-    def __init__(self, cfg: TokenizerConfig, workers: int = 1):
+    def __init__(
+        self,
+        cfg: TokenizerConfig,
+        workers: int = 1,
+        tokenizer: ByteTokenizer | HFTokenizer | None = None,
+    ):
         self.cfg = cfg
         self.workers = max(1, int(workers))
-        self.tokenizer = build_tokenizer(cfg)
+        self.tokenizer = tokenizer or build_tokenizer(cfg)  # the one `cfg` builds, if at hand
         self._pool = None
         if self.workers > 1:
             ctx = mp.get_context("spawn")  # safe with threads (torch) in the parent

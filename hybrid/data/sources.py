@@ -72,13 +72,14 @@ def _read_source(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def _stdlib_cache(src: DataSourceConfig, cfg: DataConfig, fraction: float, progress: bool):
+def _stdlib_cache(
+    src: DataSourceConfig, cfg: DataConfig, tokenizer: Tokenizer, fraction: float, progress: bool
+) -> Path:
     root = Path(src.path).expanduser() if src.path else stdlib_root()
     files = list_stdlib_files(root, src.max_files)
     if not files:
         raise ConfigError(f"no *.py files under {root}", key="path")
     listing = "\n".join(f"{f}\t{(root / f).stat().st_size}" for f in files)
-    tokenizer = build_tokenizer(cfg.tokenizer)
     key = cache_key(
         {
             "kind": "stdlib",
@@ -94,7 +95,7 @@ def _stdlib_cache(src: DataSourceConfig, cfg: DataConfig, fraction: float, progr
 
     def build(tmp: Path) -> dict:
         log.info("tokenising %d stdlib files from %s into the cache", len(files), root)
-        with TokenizePool(cfg.tokenizer, cfg.resolved_num_workers()) as pool:
+        with TokenizePool(cfg.tokenizer, cfg.resolved_num_workers(), tokenizer) as pool:
             stats = {}
             for split, names in (("train", train), ("valid", valid)):
                 texts = (_read_source(root / f) for f in names)
@@ -201,9 +202,8 @@ def _is_local(path: str) -> bool:
     )
 
 
-def _hf_cache(src: DataSourceConfig, cfg: DataConfig, progress: bool) -> Path:
+def _hf_cache(src: DataSourceConfig, cfg: DataConfig, tokenizer: Tokenizer, progress: bool) -> Path:
     assert src.path is not None
-    tokenizer = build_tokenizer(cfg.tokenizer)
     parts: dict = {"kind": "hf", "text_field": src.text_field, "tokenizer": tokenizer.identity}
     local = _is_local(src.path)
     if local:
@@ -219,7 +219,7 @@ def _hf_cache(src: DataSourceConfig, cfg: DataConfig, progress: bool) -> Path:
             texts = iter_local_texts(files, text_field=src.text_field, sample_by=src.sample_by)
         else:
             texts = iter_hub_texts(src)
-        with TokenizePool(cfg.tokenizer, cfg.resolved_num_workers()) as pool:
+        with TokenizePool(cfg.tokenizer, cfg.resolved_num_workers(), tokenizer) as pool:
             out = pool.write(texts, str(tmp / "data"), progress=progress, desc=src.describe())
         return {"source": src.describe(), "documents": out.documents, "tokens": out.tokens}
 
@@ -267,14 +267,21 @@ def _tail_split(ds: IndexedDataset, fraction: float, name: str) -> tuple[DocSpan
 
 
 def load_source(
-    src: DataSourceConfig, cfg: DataConfig, *, holdout: bool = True, progress: bool = True
+    src: DataSourceConfig,
+    cfg: DataConfig,
+    *,
+    holdout: bool = True,
+    tokenizer: Tokenizer | None = None,
+    progress: bool = True,
 ) -> SourceData:
     """Tokenise (or find in the cache) one source; hold out `cfg.valid_fraction` of it if
-    `holdout` (stdlib: by path hash; hf and indexed: the last documents)."""
+    `holdout` (stdlib: by path hash; hf and indexed: the last documents). `tokenizer` is
+    `cfg.tokenizer` built, if the caller has it."""
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer)
     fraction = cfg.valid_fraction if holdout else 0.0
     name = src.describe()
     if src.kind == "stdlib":
-        entry = _stdlib_cache(src, cfg, fraction, progress)
+        entry = _stdlib_cache(src, cfg, tokenizer, fraction, progress)
         train = IndexedDataset(entry / "train")
         valid = IndexedDataset(entry / "valid")
         valid_span = DocSpan(valid, 0, valid.num_documents, name) if valid.num_documents else None
@@ -282,7 +289,7 @@ def load_source(
             name, src.weight, DocSpan(train, 0, train.num_documents, name), valid_span
         )
     if src.kind == "hf":
-        dataset = IndexedDataset(_hf_cache(src, cfg, progress) / "data")
+        dataset = IndexedDataset(_hf_cache(src, cfg, tokenizer, progress) / "data")
     else:
         dataset = IndexedDataset(os.path.expanduser(src.path or ""))
     train_span, valid_span = _tail_split(dataset, fraction, name)
@@ -302,7 +309,9 @@ def load_sources(
     train = []
     for i, src in enumerate(cfg.resolved_sources()):
         try:
-            train.append(load_source(src, cfg, holdout=holdout, progress=progress))
+            train.append(
+                load_source(src, cfg, holdout=holdout, tokenizer=tokenizer, progress=progress)
+            )
         except ConfigError as err:
             raise err.with_context(prefix=f"data.sources[{i}]") from None
     if holdout:
@@ -311,7 +320,8 @@ def load_sources(
         valid = []
         for i, src in enumerate(cfg.valid_sources):
             try:
-                valid.append(load_source(src, cfg, holdout=False, progress=progress).train)
+                data = load_source(src, cfg, holdout=False, tokenizer=tokenizer, progress=progress)
+                valid.append(data.train)
             except ConfigError as err:
                 raise err.with_context(prefix=f"data.valid_sources[{i}]") from None
     return tokenizer, train, valid

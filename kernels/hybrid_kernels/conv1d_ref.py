@@ -70,9 +70,7 @@ def _conv_plain(xp_BDL: Tensor, w_DK: Tensor, bias_D: Tensor | None) -> Tensor:
     return y_BDL.transpose(1, 2)
 
 
-def _conv_masked(
-    xp_BDL: Tensor, w_DK: Tensor, bias_D: Tensor | None, seq_idx_BL: Tensor
-) -> Tensor:
+def _conv_masked(xp_BDL: Tensor, w_DK: Tensor, bias_D: Tensor | None, seq_idx_BL: Tensor) -> Tensor:
     """Document-aware path: unfold the left-padded input into windows and mask other documents.
 
     xp_BDL: (B, D, W + L) -> (B, L, D). The W padded positions count as document seq_idx[:, 0].

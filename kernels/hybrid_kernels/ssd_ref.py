@@ -193,17 +193,28 @@ def _state_to_output(
     return y_BCQGRP * decay_BCGRQ.permute(0, 1, 4, 2, 3)[..., None]
 
 
-def _doc_masks(seq_BCQ: Tensor) -> tuple[Tensor, Tensor]:
-    """seq_idx per chunk -> (carry_BC float, see_BCQ bool).
+def _to_chunks(t_BL: Tensor, Q: int) -> Tensor:
+    """(B, L, ...) -> (B, C, Q, ...), zero-padding L up to a multiple of Q."""
+    pad = (-t_BL.shape[1]) % Q
+    if pad:
+        t_BL = torch.cat([t_BL, t_BL.new_zeros(t_BL.shape[0], pad, *t_BL.shape[2:])], dim=1)
+    return t_BL.unflatten(1, (-1, Q))
 
-    The state entering chunk c belongs to document prev_BC[c]: the document at the previous
-    chunk's last position (for c = 0, the document at position 0, which owns initial_states).
+
+def _doc_masks(seq_idx_BL: Tensor, Q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """seq_idx (B, L) -> (seq_BCQ, carry_BC bool, see_BCQ bool).
+
+    The padded tail repeats the last document. The state entering chunk c belongs to document
+    prev_BC[c]: the document at the previous chunk's last position (for c = 0, the document at
+    position 0, which owns initial_states). carry: chunk c continues that document to its end;
+    see: position q belongs to that document.
     """
+    pad = (-seq_idx_BL.shape[1]) % Q
+    seq_BL = torch.cat([seq_idx_BL, seq_idx_BL[:, -1:].expand(-1, pad)], dim=1)
+    seq_BCQ = seq_BL.unflatten(1, (-1, Q))
     end_BC = seq_BCQ[..., -1]
     prev_BC = torch.cat([seq_BCQ[:, :1, 0], end_BC[:, :-1]], dim=1)
-    carry_BC = end_BC == prev_BC
-    see_BCQ = seq_BCQ == prev_BC[..., None]
-    return carry_BC, see_BCQ
+    return seq_BCQ, end_BC == prev_BC, seq_BCQ == prev_BC[..., None]
 
 
 def ssd_chunked_ref(
@@ -239,26 +250,18 @@ def ssd_chunked_ref(
     batch, seqlen, H, P = x.shape
     G, N = B.shape[2:]
     R, Q = H // G, chunk_size
-    pad = (-seqlen) % Q
-    nchunks = (seqlen + pad) // Q
-
+    if Q <= 0:
+        raise ValueError(f"ssd: chunk_size must be positive, got {chunk_size}")
     dt_BLH = process_dt(dt.to(ct), dt_bias, dt_softplus, dt_limit)
-    xdt_BLHP = x.to(ct) * dt_BLH[..., None]
-    dA_BLH = dt_BLH * A.to(ct)
-    # Padding: dt = 0 there, so the padded tail neither decays nor feeds the state.
-    xdt_BCQGRP = F.pad(xdt_BLHP, (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, G, R, P)
-    dA_BCGRQ = F.pad(dA_BLH, (0, 0, 0, pad)).view(batch, nchunks, Q, G, R).permute(0, 1, 3, 4, 2)
-    B_BCQGN = F.pad(B.to(ct), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, G, N)
-    C_BCQGN = F.pad(C.to(ct), (0, 0, 0, 0, 0, pad)).view(batch, nchunks, Q, G, N)
+    # Padding to whole chunks puts dt = 0 there: the padded tail neither decays nor feeds the state.
+    xdt_BCQGRP = _to_chunks(x.to(ct) * dt_BLH[..., None], Q).unflatten(-2, (G, R))
+    dA_BCGRQ = _to_chunks(dt_BLH * A.to(ct), Q).unflatten(-1, (G, R)).permute(0, 1, 3, 4, 2)
+    B_BCQGN, C_BCQGN = _to_chunks(B.to(ct), Q), _to_chunks(C.to(ct), Q)
     dAcs_BCGRQ = torch.cumsum(dA_BCGRQ, dim=-1)
-
     seq_BCQ = carry_BC = see_BCQ = None
     if seq_idx is not None:
-        seq_BL = torch.cat([seq_idx, seq_idx[:, -1:].expand(batch, pad)], dim=1)
-        seq_BCQ = seq_BL.reshape(batch, nchunks, Q)
-        carry_BC, see_BCQ = _doc_masks(seq_BCQ)
+        seq_BCQ, carry_BC, see_BCQ = _doc_masks(seq_idx, Q)
         carry_BC = carry_BC.to(ct)
-
     if initial_states is None:
         init_BGRPN = x.new_zeros(batch, G, R, P, N, dtype=ct)
     else:
@@ -269,7 +272,7 @@ def ssd_chunked_ref(
     prev_BCGRPN, final_BGRPN = _pass_states(states_BCGRPN, dAcs_BCGRQ, init_BGRPN, carry_BC)
     y_BCQGRP = y_BCQGRP + _state_to_output(prev_BCGRPN, dAcs_BCGRQ, C_BCQGN, see_BCQ)
 
-    y_BLHP = y_BCQGRP.reshape(batch, nchunks * Q, H, P)[:, :seqlen]
+    y_BLHP = y_BCQGRP.flatten(1, 2).flatten(2, 3)[:, :seqlen]
     y_BLHP = _finish_output(y_BLHP, x, D, z)
     if return_final_states:
         return y_BLHP, final_BGRPN.reshape(batch, H, P, N)
@@ -385,9 +388,7 @@ def ssd_step_ref(
         raise ValueError(f"ssd_step: nheads ({H}) must be a multiple of ngroups ({B.shape[1]})")
     ct = _compute_dtype(state.dtype)
     dt_BH = process_dt(dt.to(ct), dt_bias, dt_softplus, dt_limit)
-    y_BHP, new_BHPN = _recurrence_step(
-        state.to(ct), x.to(ct), dt_BH, A.to(ct), B.to(ct), C.to(ct)
-    )
+    y_BHP, new_BHPN = _recurrence_step(state.to(ct), x.to(ct), dt_BH, A.to(ct), B.to(ct), C.to(ct))
     return _finish_output(y_BHP, x, D, z), new_BHPN.to(state.dtype)
 
 

@@ -67,9 +67,11 @@ def test_round_trip(tmp_path, dtype, vocab):
 
 
 def test_writer_rejects_out_of_range_and_cleans_up(tmp_path):
-    with pytest.raises(ValueError, match="do not fit"):
-        with IndexedDatasetWriter(tmp_path / "x", np.uint16) as w:
-            w.add_document([1, 70000])
+    with (
+        pytest.raises(ValueError, match="do not fit"),
+        IndexedDatasetWriter(tmp_path / "x", np.uint16) as w,
+    ):
+        w.add_document([1, 70000])
     assert list(tmp_path.iterdir()) == []  # no temporary files left, nothing published
 
 

@@ -27,8 +27,9 @@ def bpe_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe")
     lines = [f"def function_{i}(value):\n    return value * {i} + 'héllo'\n" for i in range(300)]
     (root / "train.txt").write_text("".join(lines))
-    tok = train_bpe_tokenizer([str(root / "train.txt")], 400, str(root / "tok" / "tokenizer.json"),
-                              show_progress=False)
+    tok = train_bpe_tokenizer(
+        [str(root / "train.txt")], 400, str(root / "tok" / "tokenizer.json"), show_progress=False
+    )
     assert 258 <= tok.vocab_size <= 400  # a small corpus may run out of merges
     return root / "tok" / "tokenizer.json"
 

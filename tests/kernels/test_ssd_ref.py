@@ -78,8 +78,9 @@ def make_inputs(case: Case, dtype: torch.dtype = F64, seed: int = 0) -> dict:
         kw["initial_states"] = randn(b, H, P, N)
     if case.docs is not None:
         kw["seq_idx"] = seq_idx_from_lengths(case.docs)
-    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in kw.items()}
+    return {
+        k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()
+    }
 
 
 def split(kw: dict) -> tuple[tuple, dict]:
@@ -96,7 +97,14 @@ CASES = {
     ),
     "docs_whole_chunks_last_one_token": Case(L=48, chunk=16, init=True, docs=[[32, 15, 1], [48]]),
     "all_options": Case(
-        L=37, chunk=16, H=4, G=2, D="hp", z=True, dt_proc=True, init=True,
+        L=37,
+        chunk=16,
+        H=4,
+        G=2,
+        D="hp",
+        z=True,
+        dt_proc=True,
+        init=True,
         docs=[[1, 15, 16, 5], [20, 17]],
     ),
     "L_shorter_than_chunk": Case(L=10, chunk=16, D="h", init=True, docs=[[4, 6], [10]]),
@@ -122,8 +130,11 @@ def test_chunked_gradients_match_sequential_fp64() -> None:
     kw = make_inputs(case)
     grads = []
     for fn in (ssd_chunked_ref, ssd_sequential_ref):
-        leaves = {k: v.clone().requires_grad_() for k, v in kw.items()
-                  if torch.is_tensor(v) and v.is_floating_point()}
+        leaves = {
+            k: v.clone().requires_grad_()
+            for k, v in kw.items()
+            if torch.is_tensor(v) and v.is_floating_point()
+        }
         args, rest = split({**kw, **leaves})
         y, final = fn(*args, chunk_size=case.chunk, return_final_states=True, **rest)
         (y.sin().sum() + final.cos().sum()).backward()
@@ -135,8 +146,17 @@ def test_chunked_gradients_match_sequential_fp64() -> None:
 @pytest.mark.parametrize("with_init", [False, True])
 def test_packed_documents_equal_separate_runs(with_init: bool) -> None:
     lengths = [16, 1, 12, 8]
-    case = Case(L=sum(lengths), chunk=16, batch=1, G=2, D="h", z=True, dt_proc=True,
-                init=with_init, docs=[lengths])
+    case = Case(
+        L=sum(lengths),
+        chunk=16,
+        batch=1,
+        G=2,
+        D="h",
+        z=True,
+        dt_proc=True,
+        init=with_init,
+        docs=[lengths],
+    )
     kw = make_inputs(case, seed=1)
     args, rest = split(kw)
     y, final = ssd_chunked_ref(*args, chunk_size=case.chunk, return_final_states=True, **rest)
@@ -148,8 +168,11 @@ def test_packed_documents_equal_separate_runs(with_init: bool) -> None:
         doc_args = tuple(a[:, part] if a.dim() > 1 else a for a in args)
         doc_rest = {k: (v[:, part] if k == "z" else v) for k, v in rest.items()}
         y_doc, final_doc = ssd_chunked_ref(
-            *doc_args, chunk_size=case.chunk, initial_states=init if i == 0 else None,
-            return_final_states=True, **doc_rest,
+            *doc_args,
+            chunk_size=case.chunk,
+            initial_states=init if i == 0 else None,
+            return_final_states=True,
+            **doc_rest,
         )
         assert rel_err(y[:, part], y_doc) < 1e-10, f"document {i}"
         start += n
@@ -168,8 +191,9 @@ def test_step_iterated_matches_sequential() -> None:
     ys = []
     for t in range(case.L):
         before = state.clone()
-        y_t, new_state = ssd_step_ref(state, x[:, t], dt[:, t], A, B[:, t], C[:, t],
-                                      z=z[:, t], **rest)
+        y_t, new_state = ssd_step_ref(
+            state, x[:, t], dt[:, t], A, B[:, t], C[:, t], z=z[:, t], **rest
+        )
         assert torch.equal(state, before), "ssd_step_ref modified the state in place"
         ys.append(y_t)
         state = new_state
@@ -181,8 +205,9 @@ def test_step_dtypes() -> None:
     case = Case(L=1, chunk=1, batch=2, H=4, G=2)
     kw = make_inputs(case, dtype=torch.bfloat16)
     state = torch.randn(2, 4, 3, 5)
-    y, new = ssd_step_ref(state, kw["x"][:, 0], kw["dt"][:, 0], kw["A"], kw["B"][:, 0],
-                          kw["C"][:, 0])
+    y, new = ssd_step_ref(
+        state, kw["x"][:, 0], kw["dt"][:, 0], kw["A"], kw["B"][:, 0], kw["C"][:, 0]
+    )
     assert y.dtype == torch.bfloat16 and y.shape == (2, 4, 3)
     assert new.dtype == torch.float32 and new.shape == state.shape
 
@@ -202,8 +227,11 @@ def _gradcheck_inputs(extra: bool) -> tuple[tuple, dict]:
     if extra:
         z = torch.randn(B_, L, H, P, generator=g, dtype=F64).requires_grad_()
         tensors.append(z)
-        kw = dict(dt_softplus=True, dt_bias=torch.full((H,), -1.0, dtype=F64),
-                  seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1]]))
+        kw = dict(
+            dt_softplus=True,
+            dt_bias=torch.full((H,), -1.0, dtype=F64),
+            seq_idx=torch.tensor([[0, 0, 0, 1, 1, 1]]),
+        )
     return tuple(tensors), kw
 
 
@@ -212,8 +240,19 @@ def test_gradcheck_chunked(extra: bool) -> None:
     tensors, kw = _gradcheck_inputs(extra)
 
     def fn(x, dt, A, B, C, D, h0, z=None):
-        return ssd_chunked_ref(x, dt, A, B, C, chunk_size=4, D=D, z=z, initial_states=h0,
-                               return_final_states=True, **kw)
+        return ssd_chunked_ref(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size=4,
+            D=D,
+            z=z,
+            initial_states=h0,
+            return_final_states=True,
+            **kw,
+        )
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -221,8 +260,9 @@ def test_gradcheck_chunked(extra: bool) -> None:
 def _fp32_vs_fp64(case: Case, seed: int, a_scale: float = 1.0) -> tuple[float, float]:
     kw64 = make_inputs(case, seed=seed)
     kw64["A"] = kw64["A"] * a_scale
-    kw32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in kw64.items()}
+    kw32 = {
+        k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw64.items()
+    }
     a64, r64 = split(kw64)
     a32, r32 = split(kw32)
     y_ref, f_ref = ssd_sequential_ref(*a64, return_final_states=True, **r64)
@@ -269,8 +309,7 @@ def test_shape_errors() -> None:
     kw = make_inputs(Case(L=8, chunk=4, H=4, G=2))
     args, rest = split(kw)
     with pytest.raises(ValueError, match="multiple of ngroups"):
-        ssd_chunked_ref(args[0][..., :3, :], args[1][..., :3], args[2][:3], *args[3:],
-                        chunk_size=4)
+        ssd_chunked_ref(args[0][..., :3, :], args[1][..., :3], args[2][:3], *args[3:], chunk_size=4)
     with pytest.raises(ValueError, match="initial_states"):
         ssd_chunked_ref(*args, chunk_size=4, initial_states=torch.zeros(2, 4, 3, 4, dtype=F64))
     with pytest.raises(ValueError, match="D must be"):
