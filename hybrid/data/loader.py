@@ -226,6 +226,8 @@ def build_validation_batches(
         if len(ds) == 0:
             log.warning("validation data of %s is too short for one sample", ds.name)
     total = sum(len(d) for d in datasets)
+    if total == 0 and show:
+        log.warning("no validation data (set data.valid_fraction or data.valid_sources)")
     step = micro_batch_size * world_size
     samples = np.arange(total, dtype=np.int64)
     if num_batches is not None and total > num_batches * step:

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hybrid.data.indexed import IndexedDatasetWriter, dtype_for_vocab
-from hybrid.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from hybrid.data.tokenizer import HFTokenizer, Tokenizer, build_tokenizer
 from hybrid.recipe.data_config import TokenizerConfig
 
 CHUNK_DOCS = 256
@@ -44,7 +44,7 @@ class PrepareStats:
 
 
 # Per-process tokenizer of a worker, set once by `_init_worker`.
-_WORKER_TOKENIZER: list[ByteTokenizer | HFTokenizer] = []
+_WORKER_TOKENIZER: list[Tokenizer] = []
 
 
 def _init_worker(cfg: TokenizerConfig) -> None:
@@ -56,7 +56,7 @@ def _tokenize_chunk(texts: Sequence[str]) -> Chunk:
     return tokenize_texts(_WORKER_TOKENIZER[0], texts)
 
 
-def tokenize_texts(tokenizer: ByteTokenizer | HFTokenizer, texts: Sequence[str]) -> Chunk:
+def tokenize_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> Chunk:
     """Tokenise `texts`, drop empty ones, append EOD to each; return (tokens, lengths)."""
     if isinstance(tokenizer, HFTokenizer):
         arrays = [np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts)]
@@ -90,7 +90,7 @@ class TokenizePool:
         self,
         cfg: TokenizerConfig,
         workers: int = 1,
-        tokenizer: ByteTokenizer | HFTokenizer | None = None,
+        tokenizer: Tokenizer | None = None,
     ):
         self.cfg = cfg
         self.workers = max(1, int(workers))
