@@ -64,7 +64,7 @@ def _wrap_pattern(pattern: str, width: int = 64) -> list[str]:
 
 def _kind_rows(figures: dict) -> list[str]:
     counts = Counter(r["symbol"] for r in figures["layers"])
-    rows = [f"  {'kind':<10}{'count':>6}{'params':>12}{'active':>12}{'TFLOP/tok':>12}{'cache':>12}"]
+    rows = [f"  {'kind':<10}{'count':>6}{'params':>12}{'active':>12}{'FLOP/tok':>12}{'cache':>12}"]
     for sym in SYMBOLS:
         layers = [r for r in figures["layers"] if r["symbol"] == sym]
         if not layers:
@@ -73,7 +73,7 @@ def _kind_rows(figures: dict) -> list[str]:
             f"  {SYMBOLS[sym] + ' ' + sym:<10}{counts[sym]:>6}"
             f"{human(sum(r['params'] for r in layers)):>12}"
             f"{human(sum(r['active_params'] for r in layers)):>12}"
-            f"{sum(r['flops_per_token'] for r in layers) / 1e12:>12.4g}"
+            f"{human(sum(r['flops_per_token'] for r in layers)):>12}"
             f"{human_bytes(sum(r['cache_bytes'] for r in layers)):>12}"
         )
     return rows
@@ -111,11 +111,11 @@ def render(recipe: Recipe, figures: dict, *, show_layers: bool = False) -> str:
         *_compare_rows(figures),
     ]
     if show_layers:
-        lines += ["", f"  {'#':>4} {'sym':<4}{'params':>12}{'active':>12}{'GFLOP/tok':>12}{'cache':>12}"]
+        lines += ["", f"  {'#':>4} {'sym':<4}{'params':>12}{'active':>12}{'FLOP/tok':>12}{'cache':>12}"]
         for r in figures["layers"]:
             lines.append(
                 f"  {r['index']:>4} {r['symbol']:<4}{human(r['params']):>12}"
-                f"{human(r['active_params']):>12}{r['flops_per_token'] / 1e9:>12.4g}"
+                f"{human(r['active_params']):>12}{human(r['flops_per_token']):>12}"
                 f"{human_bytes(r['cache_bytes']):>12}"
             )
     return "\n".join(lines)

@@ -44,20 +44,16 @@ class ProgressLine:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
-        self.start_step: int | None = None
 
     def format(self, *, step: int, loss: float, lr: float, grad_norm: float,
-               tokens_per_s: float, mfu: float | None = None) -> str:
-        if self.start_step is None:  # measure from the first update: setup is not training
-            self.start_step, self.start = step, time.perf_counter()
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total - step) if done else 0.0
+               tokens_per_s: float, seconds_per_step: float = 0.0,
+               mfu: float | None = None) -> str:
         parts = [f"step {step}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.2e}",
                  f"gnorm {grad_norm:.3g}", f"{tokens_per_s / 1e3:.1f}K tok/s"]
         if mfu is not None:
             parts.append(f"mfu {100 * mfu:.1f}%")
-        parts.append(f"eta {format_eta(eta)}")
+        eta = format_eta(seconds_per_step * (self.total - step)) if seconds_per_step else "--"
+        parts.append(f"eta {eta}")
         return " | ".join(parts)
 
     def update(self, **fields) -> None:

@@ -182,7 +182,8 @@ def log_step(s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsL
                                 "mfu": scalars.get("train/mfu")}) + "\n")
     if s.step % s.recipe.train.log_every == 0 or s.step == s.recipe.train.steps:
         progress.update(step=s.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm,
-                        tokens_per_s=tps, mfu=scalars.get("train/mfu"))
+                        tokens_per_s=tps, seconds_per_step=meter.seconds_per_step(),
+                        mfu=scalars.get("train/mfu"))
 
 
 def maybe_evaluate(s: Session, logger: MetricsLogger) -> None:
