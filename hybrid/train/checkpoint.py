@@ -31,7 +31,7 @@ from hybrid.recipe.schema import ConfigError
 
 LATEST = "latest"
 FILES = ("model.safetensors", "train_state.pt", "recipe.yaml", "meta.json")
-_PAUSE_ENV = "HYBRID_CKPT_TEST_PAUSE"  # test hook: "phase:seconds", sleeps at that phase
+_PAUSE_ENV = "HYBRID_CKPT_TEST_PAUSE"  # test hook "phase@step:seconds": sleep in that save
 
 
 class CheckpointError(ConfigError):
@@ -48,10 +48,10 @@ class Checkpoint:
     meta: dict
 
 
-def _pause(phase: str) -> None:
-    spec = os.environ.get(_PAUSE_ENV, "")
-    if spec.partition(":")[0] == phase:
-        time.sleep(float(spec.partition(":")[2] or 5))
+def _pause(phase: str, step: int) -> None:
+    where, _, seconds = os.environ.get(_PAUSE_ENV, "").partition(":")
+    if where == f"{phase}@{step}":
+        time.sleep(float(seconds or 5))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -130,7 +130,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, Tensor],
     tmp = ckpt_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     tmp.mkdir()
     _write_dir(tmp, step, model_state, train_state, recipe, meta or {})
-    _pause("after_tmp_write")
+    _pause("after_tmp_write", step)
     final = ckpt_dir / step_dir_name(step)
     if final.exists():  # same step saved again: move the old one aside first
         old = ckpt_dir / f".tmp-old-{step_dir_name(step)}-{os.getpid()}"
@@ -139,9 +139,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, Tensor],
         os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(ckpt_dir)
-    _pause("before_latest")
+    _pause("before_latest", step)
     _write_latest(ckpt_dir, final.name)
-    _pause("after_latest")
+    _pause("after_latest", step)
     _prune(ckpt_dir, keep, final.name)
     _remove_stale(ckpt_dir)
     return final

@@ -63,8 +63,8 @@ def test_signal_saves_and_exits_cleanly_then_resumes(tiny_recipe_file, tmp_path,
 @pytest.mark.parametrize("phase", ["after_tmp_write", "before_latest", "after_latest"])
 def test_sigkill_during_save_keeps_previous_checkpoint(tiny_recipe_file, tmp_path, phase):
     run = tmp_path / "run"
-    # saves at steps 2, 4, ...; the hook sleeps inside every save at `phase`
-    proc = start(tiny_recipe_file, run, env={"HYBRID_CKPT_TEST_PAUSE": f"{phase}:30"})
+    # saves at steps 2, 4, ...; the hook sleeps inside the save of step 4 at `phase`
+    proc = start(tiny_recipe_file, run, env={"HYBRID_CKPT_TEST_PAUSE": f"{phase}@4:60"})
     ckpts = run / "checkpoints"
     if phase == "after_tmp_write":
         wait_for(lambda: (ckpts / "latest").exists() and list(ckpts.glob(".tmp-step-00000004*")),
