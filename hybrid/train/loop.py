@@ -179,7 +179,8 @@ def log_step(s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsL
         with open(s.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": s.step, "loss": r.loss, "lr": lr,
                                 "grad_norm": r.grad_norm, "tokens_per_s": tps,
-                                "mfu": scalars.get("train/mfu")}) + "\n")
+                                "mfu": scalars.get("train/mfu"),
+                                "memory_gb": scalars["train/memory_gb"]}) + "\n")
     if s.step % s.recipe.train.log_every == 0 or s.step == s.recipe.train.steps:
         progress.update(step=s.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm,
                         tokens_per_s=tps, seconds_per_step=meter.seconds_per_step(),
