@@ -298,7 +298,8 @@ class MoEConfig:
         return self._fixed_params(d_model) + self.top_k * self._expert_params(d_model)
 
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
-        flops = 2 * d_model * self.n_experts
+        flops = 2 * d_model * self.n_experts  # router
+        flops += 2 * self.top_k * d_model  # weighted combine of the k expert outputs
         flops += self.top_k * mlp_matmul_flops(d_model, self.expert_hidden(d_model), self.activation)
         if self.n_shared_experts:
             flops += mlp_matmul_flops(d_model, self.shared_hidden(d_model), self.activation)
