@@ -27,8 +27,18 @@ def test_inspect_table(capsys):
 
 
 def test_inspect_json_keys_and_overrides(capsys):
-    code, out, _ = run(capsys, "inspect", str(TINY), "--json", "--context", "1000",
-                       "--set", "model.layout.pattern=M*M*", "--set", "model.d_model=256")
+    code, out, _ = run(
+        capsys,
+        "inspect",
+        str(TINY),
+        "--json",
+        "--context",
+        "1000",
+        "--set",
+        "model.layout.pattern=M*M*",
+        "--set",
+        "model.d_model=256",
+    )
     assert code == 0
     data = json.loads(out)
     for key in ("pattern", "params_total", "params_active", "flops_per_token", "cache_bytes"):
@@ -51,8 +61,10 @@ def write(tmp_path, name, text):
         ("model:\n  d_model: wide\n", ["bad.yaml", "model.d_model", "expected int"]),
         ("model:\n  d_model: -4\n", ["model.d_model", "must be positive"]),
         ("model:\n  layout: {pattern: 'M*X'}\n", ["model.layout.pattern", "unknown symbol 'X'"]),
-        ("model:\n  d_model: 96\n  attention: {n_heads: 5}\n", ["model.attention.n_heads",
-                                                                "not divisible"]),
+        (
+            "model:\n  d_model: 96\n  attention: {n_heads: 5}\n",
+            ["model.attention.n_heads", "not divisible"],
+        ),
         ("model: [1, 2]\n", ["model", "expected a mapping"]),
         ("model:\n  d_model: 64\n  bad: [\n", ["invalid YAML", "line"]),
         ("base: missing.yaml\n", ["base recipe 'missing.yaml' not found"]),
@@ -107,8 +119,9 @@ def test_missing_recipe_and_bad_flag(capsys, tmp_path):
 
 def test_real_process_prints_no_traceback(tmp_path):
     path = write(tmp_path, "bad.yaml", "model:\n  layout: {pattern: 'MGM'}\n")
-    proc = subprocess.run([sys.executable, "-m", "hybrid.cli", "inspect", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hybrid.cli", "inspect", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "does not implement" in proc.stderr
     assert proc.stderr.count("\n") == 1

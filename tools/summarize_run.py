@@ -1,6 +1,6 @@
 """Summarise training runs from their metrics.jsonl: first/last loss, tokens/s, MFU, memory.
 
-    python tools/summarize_run.py runs/hybrid-tiny runs/moe-tiny
+python tools/summarize_run.py runs/hybrid-tiny runs/moe-tiny
 """
 
 from __future__ import annotations
@@ -30,14 +30,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args()
-    print(f"{'run':<24}{'steps':>7}{'loss first':>12}{'loss last':>11}{'tok/s':>12}"
-          f"{'MFU':>8}{'mem GB':>8}")
+    print(
+        f"{'run':<24}{'steps':>7}{'loss first':>12}{'loss last':>11}{'tok/s':>12}"
+        f"{'MFU':>8}{'mem GB':>8}"
+    )
     for run in args.runs:
         s = summarize(run)
         mfu = f"{100 * s['mfu']:.2f}%" if s["mfu"] is not None else "-"
         mem = f"{s['memory_gb']:.2f}" if s["memory_gb"] is not None else "-"
-        print(f"{s['run']:<24}{s['steps']:>7}{s['loss_first']:>12.4f}{s['loss_last']:>11.4f}"
-              f"{s['tokens_per_s']:>12,.0f}{mfu:>8}{mem:>8}")
+        print(
+            f"{s['run']:<24}{s['steps']:>7}{s['loss_first']:>12.4f}{s['loss_last']:>11.4f}"
+            f"{s['tokens_per_s']:>12,.0f}{mfu:>8}{mem:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,18 @@ length (forward+backward, attention and SSD included) and inference cache bytes 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="show a recipe's layout, parameters, FLOPs and cache size",
-                       description=HELP)
+    p = sub.add_parser(
+        "inspect", help="show a recipe's layout, parameters, FLOPs and cache size", description=HELP
+    )
     add_recipe_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--context", type=int, default=None, metavar="N",
-                   help="context length for the inference-cache figure (default: train.seq_len)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context length for the inference-cache figure (default: train.seq_len)",
+    )
     p.add_argument("--layers", action="store_true", help="also list every sublayer")
     p.set_defaults(func=run)
 
@@ -111,7 +117,10 @@ def render(recipe: Recipe, figures: dict, *, show_layers: bool = False) -> str:
         *_compare_rows(figures),
     ]
     if show_layers:
-        lines += ["", f"  {'#':>4} {'sym':<4}{'params':>12}{'active':>12}{'FLOP/tok':>12}{'cache':>12}"]
+        lines += [
+            "",
+            f"  {'#':>4} {'sym':<4}{'params':>12}{'active':>12}{'FLOP/tok':>12}{'cache':>12}",
+        ]
         for r in figures["layers"]:
             lines.append(
                 f"  {r['index']:>4} {r['symbol']:<4}{human(r['params']):>12}"

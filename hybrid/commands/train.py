@@ -20,19 +20,40 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain a recipe (CPU, GPU, or torchrun DDP)",
-                       description=HELP, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="pretrain a recipe (CPU, GPU, or torchrun DDP)",
+        description=HELP,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_recipe_args(p)
-    p.add_argument("--run-dir", default=None,
-                   help="where checkpoints and logs go (default: train.run_dir)")
+    p.add_argument(
+        "--run-dir", default=None, help="where checkpoints and logs go (default: train.run_dir)"
+    )
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="resume", action="store_const", const="always",
-                       default="auto", help="require a checkpoint in the run dir and continue it")
-    group.add_argument("--no-resume", dest="resume", action="store_const", const="never",
-                       help="refuse to start if the run dir already has checkpoints")
-    p.add_argument("--stop-at-step", type=int, default=None, metavar="N",
-                   help="save and stop after step N (the schedule still spans train.steps)")
+    group.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_const",
+        const="always",
+        default="auto",
+        help="require a checkpoint in the run dir and continue it",
+    )
+    group.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_const",
+        const="never",
+        help="refuse to start if the run dir already has checkpoints",
+    )
+    p.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="save and stop after step N (the schedule still spans train.steps)",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from hybrid.train.loop import train  # heavy imports only when training
 
     recipe = recipe_from_args(args)
-    result = train(recipe, run_dir=args.run_dir, resume=args.resume,
-                   stop_at_step=args.stop_at_step)
+    result = train(recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step)
     if result.stopped_by:
-        print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in "
-              f"{result.run_dir}")
+        print(
+            f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in "
+            f"{result.run_dir}"
+        )
     return 0

@@ -28,8 +28,9 @@ class KVState:
     v: Tensor
 
 
-def rope_cos_sin(positions_BL: Tensor, rotary_dim: int, theta: float,
-                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    positions_BL: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (B,L,1,R) for the given positions (fp32, or fp64 if asked)."""
     dev = positions_BL.device
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=dev, dtype=dtype) / rotary_dim)
@@ -94,8 +95,9 @@ class Attention(nn.Module):
             return None
         key = f"attn_mask:{L}:{self.cfg.sliding_window}"
         if key not in ctx.scratch:
-            ctx.scratch[key] = attention_mask(L, L, seq_idx_BL=ctx.seq_idx,
-                                              window=self.cfg.sliding_window, device=device)
+            ctx.scratch[key] = attention_mask(
+                L, L, seq_idx_BL=ctx.seq_idx, window=self.cfg.sliding_window, device=device
+            )
         return ctx.scratch[key]
 
     def forward(self, x_BLD: Tensor, ctx: ForwardContext) -> tuple[Tensor, None]:
@@ -113,8 +115,9 @@ class Attention(nn.Module):
             ctx.states[self.layer_idx] = KVState(k=k, v=v)
         return self.o_proj(out.reshape(B, L, -1)), None
 
-    def empty_state(self, batch: int, *, device: torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> KVState:
+    def empty_state(
+        self, batch: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> KVState:
         device = device or self.q_proj.weight.device
         dtype = dtype or self.q_proj.weight.dtype
         empty = torch.zeros(batch, 0, self.n_kv, self.head_dim, device=device, dtype=dtype)

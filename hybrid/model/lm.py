@@ -96,23 +96,29 @@ class HybridLM(nn.Module):
         """input_ids (B,L); labels (B,L) next-token targets (IGNORE_INDEX = no loss);
         seq_idx (B,L) document index in packed rows; states: per-layer inference state (filled
         in place, see `empty_states`)."""
-        ctx = ForwardContext(seq_idx=seq_idx, position_ids=position_ids, states=states,
-                             position_offset=position_offset)
+        ctx = ForwardContext(
+            seq_idx=seq_idx,
+            position_ids=position_ids,
+            states=states,
+            position_offset=position_offset,
+        )
         h, aux = self.hidden_states(input_ids, ctx)
         out = LMOutput()
         logits = self.lm_head(h)
         if return_logits or labels is None:
             out.logits = logits
         if labels is not None:
-            out.loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                       ignore_index=IGNORE_INDEX)
+            out.loss = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+            )
         if aux:
             out.aux_loss = torch.stack([a.aux_loss for _, a in aux]).sum()
             out.moe = dict(aux)
         return out
 
-    def empty_states(self, batch: int, *, device: torch.device | None = None,
-                     dtype: torch.dtype | None = None) -> dict[int, Any]:
+    def empty_states(
+        self, batch: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> dict[int, Any]:
         """Fresh inference state per mixer layer (Mamba conv+SSM, attention KV)."""
         return {
             layer.mixer.layer_idx: layer.mixer.empty_state(batch, device=device, dtype=dtype)
@@ -124,8 +130,13 @@ class HybridLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, init: bool = True) -> HybridLM:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    init: bool = True,
+) -> HybridLM:
     """Build and initialise a model (on `device="meta"` it is only shaped, not initialised)."""
     import hybrid.model  # noqa: F401  (registers the sublayer kinds)
 

@@ -49,17 +49,27 @@ class Mamba2Mixer(nn.Module):
         self.split_sizes = [self.d_inner, self.d_inner, gn, gn, self.n_heads]
         in_rows = sum(self.split_sizes)
         self.in_proj = nn.Linear(d_model, in_rows, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
-                                padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            cfg.d_conv,
+            groups=self.conv_dim,
+            padding=cfg.d_conv - 1,
+            bias=cfg.conv_bias,
+        )
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.d_inner if cfg.d_has_hdim else self.n_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         self.norm = (
-            GatedRMSNorm(self.d_inner, group_size=self.d_inner // cfg.n_groups,
-                         norm_before_gate=cfg.norm_before_gate)
-            if cfg.gated_norm else None
+            GatedRMSNorm(
+                self.d_inner,
+                group_size=self.d_inner // cfg.n_groups,
+                norm_before_gate=cfg.norm_before_gate,
+            )
+            if cfg.gated_norm
+            else None
         )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=cfg.bias)
 
@@ -72,8 +82,11 @@ class Mamba2Mixer(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         self.conv1d.reset_parameters()  # PyTorch's default (kaiming-uniform), as mamba_ssm
-        dt = torch.exp(torch.rand(self.n_heads, device=self.dt_bias.device)
-                       * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = torch.exp(
+            torch.rand(self.n_heads, device=self.dt_bias.device)
+            * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+            + math.log(cfg.dt_min)
+        )
         dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         lo, hi = cfg.a_init_range
@@ -90,8 +103,9 @@ class Mamba2Mixer(nn.Module):
         return self.D.view(self.n_heads, self.cfg.head_dim) if self.cfg.d_has_hdim else self.D
 
     def _ssd_kwargs(self) -> dict:
-        return dict(D=self._D(), dt_bias=self.dt_bias, dt_softplus=True,
-                    dt_limit=tuple(self.cfg.dt_limit))
+        return dict(
+            D=self._D(), dt_bias=self.dt_bias, dt_softplus=True, dt_limit=tuple(self.cfg.dt_limit)
+        )
 
     def _gate_out(self, y_BLI: Tensor, z_BLI: Tensor) -> Tensor:
         if self.norm is not None:
@@ -107,33 +121,54 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         Bsz, L, _ = u_BLD.shape
         H, P, G, N = self.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
-        z, xbc, dt_BLH = torch.split(self.in_proj(u_BLD),
-                                     [self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        z, xbc, dt_BLH = torch.split(
+            self.in_proj(u_BLD), [self.d_inner, self.conv_dim, self.n_heads], dim=-1
+        )
         state = ctx.states.get(self.layer_idx) if ctx.states is not None else None
         conv_init = state.conv if state is not None else None
         xbc, conv_final = ops.causal_conv1d(
-            xbc, self._conv_weight(), self.conv1d.bias, seq_idx=ctx.seq_idx, activation="silu",
-            initial_states=conv_init, return_final_states=True)
+            xbc,
+            self._conv_weight(),
+            self.conv1d.bias,
+            seq_idx=ctx.seq_idx,
+            activation="silu",
+            initial_states=conv_init,
+            return_final_states=True,
+        )
         x, b, c = self._split_xbc(xbc)
         y, ssm_final = ops.ssd(
-            x.reshape(Bsz, L, H, P), dt_BLH, -torch.exp(self.A_log.float()),
-            b.reshape(Bsz, L, G, N), c.reshape(Bsz, L, G, N), chunk_size=cfg.chunk_size,
+            x.reshape(Bsz, L, H, P),
+            dt_BLH,
+            -torch.exp(self.A_log.float()),
+            b.reshape(Bsz, L, G, N),
+            c.reshape(Bsz, L, G, N),
+            chunk_size=cfg.chunk_size,
             z=None if self.norm is not None else z.reshape(Bsz, L, H, P),
-            initial_states=state.ssm if state is not None else None, seq_idx=ctx.seq_idx,
-            return_final_states=True, **self._ssd_kwargs())
+            initial_states=state.ssm if state is not None else None,
+            seq_idx=ctx.seq_idx,
+            return_final_states=True,
+            **self._ssd_kwargs(),
+        )
         if ctx.states is not None:
             ctx.states[self.layer_idx] = MambaState(conv=conv_final, ssm=ssm_final)
         return self._gate_out(y.reshape(Bsz, L, self.d_inner), z), None
 
     # -- recurrent form ----------------------------------------------------------------------
-    def empty_state(self, batch: int, *, device: torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> MambaState:
+    def empty_state(
+        self, batch: int, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> MambaState:
         device = device or self.in_proj.weight.device
         dtype = dtype or self.in_proj.weight.dtype
         cfg = self.cfg
         conv = torch.zeros(batch, self.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch, self.n_heads, cfg.head_dim, cfg.d_state, device=device,
-                          dtype=torch.float32 if dtype != torch.float64 else dtype)
+        ssm = torch.zeros(
+            batch,
+            self.n_heads,
+            cfg.head_dim,
+            cfg.d_state,
+            device=device,
+            dtype=torch.float32 if dtype != torch.float64 else dtype,
+        )
         return MambaState(conv=conv, ssm=ssm)
 
     def step(self, u_BD: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
@@ -141,15 +176,23 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         Bsz = u_BD.shape[0]
         H, P, G, N = self.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
-        z, xbc, dt_BH = torch.split(self.in_proj(u_BD),
-                                    [self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xbc, conv = ops.causal_conv1d_step(xbc, state.conv, self._conv_weight(), self.conv1d.bias,
-                                           activation="silu")
+        z, xbc, dt_BH = torch.split(
+            self.in_proj(u_BD), [self.d_inner, self.conv_dim, self.n_heads], dim=-1
+        )
+        xbc, conv = ops.causal_conv1d_step(
+            xbc, state.conv, self._conv_weight(), self.conv1d.bias, activation="silu"
+        )
         x, b, c = self._split_xbc(xbc)
         y, ssm = ops.ssd_step(
-            state.ssm, x.reshape(Bsz, H, P), dt_BH, -torch.exp(self.A_log.float()),
-            b.reshape(Bsz, G, N), c.reshape(Bsz, G, N),
-            z=None if self.norm is not None else z.reshape(Bsz, H, P), **self._ssd_kwargs())
+            state.ssm,
+            x.reshape(Bsz, H, P),
+            dt_BH,
+            -torch.exp(self.A_log.float()),
+            b.reshape(Bsz, G, N),
+            c.reshape(Bsz, G, N),
+            z=None if self.norm is not None else z.reshape(Bsz, H, P),
+            **self._ssd_kwargs(),
+        )
         out = self._gate_out(y.reshape(Bsz, 1, self.d_inner), z.unsqueeze(1)).squeeze(1)
         return out, MambaState(conv=conv, ssm=ssm)
 

@@ -24,8 +24,9 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(nn.Module):
     """norm(x * silu(z)) over `group_size`-channel groups (mamba_ssm RMSNormGated)."""
 
-    def __init__(self, dim: int, *, group_size: int, eps: float = 1e-5,
-                 norm_before_gate: bool = False):
+    def __init__(
+        self, dim: int, *, group_size: int, eps: float = 1e-5, norm_before_gate: bool = False
+    ):
         super().__init__()
         self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
         self.weight = nn.Parameter(torch.empty(dim))
@@ -34,5 +35,11 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
-        return ops.gated_rmsnorm(x, z, self.weight, self.eps, group_size=self.group_size,
-                                 norm_before_gate=self.norm_before_gate)
+        return ops.gated_rmsnorm(
+            x,
+            z,
+            self.weight,
+            self.eps,
+            group_size=self.group_size,
+            norm_before_gate=self.norm_before_gate,
+        )

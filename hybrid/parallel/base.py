@@ -38,7 +38,9 @@ class Backend(ABC):
     @abstractmethod
     def load_model_state(self, model: nn.Module, state: dict[str, Tensor]) -> None: ...
 
-    def no_sync(self, module: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+    def no_sync(
+        self, module: nn.Module, last_micro_step: bool
+    ) -> contextlib.AbstractContextManager:
         """Context for a micro-step: skip gradient synchronisation unless it is the last."""
         return contextlib.nullcontext()
 

@@ -32,8 +32,9 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, *, device: str = "auto", activation_checkpointing: str = "none",
-                 compile: bool = False):
+    def __init__(
+        self, *, device: str = "auto", activation_checkpointing: str = "none", compile: bool = False
+    ):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,7 +70,9 @@ class LocalBackend(Backend):
                 f"unexpected {sorted(unexpected)[:5]} (was the recipe's model section changed?)"
             )
 
-    def no_sync(self, module: nn.Module, last_micro_step: bool) -> contextlib.AbstractContextManager:
+    def no_sync(
+        self, module: nn.Module, last_micro_step: bool
+    ) -> contextlib.AbstractContextManager:
         if isinstance(module, DistributedDataParallel) and not last_micro_step:
             return module.no_sync()
         return contextlib.nullcontext()

@@ -80,14 +80,24 @@ class Mamba2Config:
 
     def validate_for(self, d_model: int) -> None:
         d_inner = self.d_inner(d_model)
-        check(d_inner % self.head_dim == 0, "head_dim",
-              f"expand*d_model={d_inner} is not divisible by head_dim={self.head_dim}")
+        check(
+            d_inner % self.head_dim == 0,
+            "head_dim",
+            f"expand*d_model={d_inner} is not divisible by head_dim={self.head_dim}",
+        )
         heads = d_inner // self.head_dim
-        check(heads % self.n_groups == 0, "n_groups",
-              f"the {heads} Mamba heads do not divide into n_groups={self.n_groups}")
+        check(
+            heads % self.n_groups == 0,
+            "n_groups",
+            f"the {heads} Mamba heads do not divide into n_groups={self.n_groups}",
+        )
 
     def num_params(self, d_model: int) -> int:
-        d_inner, heads, conv_dim = self.d_inner(d_model), self.n_heads(d_model), self.conv_dim(d_model)
+        d_inner, heads, conv_dim = (
+            self.d_inner(d_model),
+            self.n_heads(d_model),
+            self.conv_dim(d_model),
+        )
         in_rows = 2 * d_inner + 2 * self.n_groups * self.d_state + heads
         n = d_model * in_rows + (in_rows if self.bias else 0)
         n += conv_dim * self.d_conv + (conv_dim if self.conv_bias else 0)
@@ -98,7 +108,11 @@ class Mamba2Config:
 
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
         """Forward FLOPs per token: projections, conv, and the chunked SSD (causal halves)."""
-        d_inner, heads, conv_dim = self.d_inner(d_model), self.n_heads(d_model), self.conv_dim(d_model)
+        d_inner, heads, conv_dim = (
+            self.d_inner(d_model),
+            self.n_heads(d_model),
+            self.conv_dim(d_model),
+        )
         in_rows = 2 * d_inner + 2 * self.n_groups * self.d_state + heads
         proj = 2 * d_model * in_rows + 2 * d_inner * d_model
         conv = 2 * conv_dim * self.d_conv
@@ -133,11 +147,17 @@ class AttentionConfig:
         check(self.n_heads > 0, "n_heads", "must be positive")
         if self.n_kv_heads is not None:
             check(self.n_kv_heads > 0, "n_kv_heads", "must be positive")
-            check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-                  f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            check(
+                self.n_heads % self.n_kv_heads == 0,
+                "n_kv_heads",
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}",
+            )
         if self.head_dim is not None:
-            check(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim",
-                  "must be a positive even number")
+            check(
+                self.head_dim > 0 and self.head_dim % 2 == 0,
+                "head_dim",
+                "must be a positive even number",
+            )
         check(0.0 < self.rotary_fraction <= 1.0, "rotary_fraction", "must be in (0, 1]")
         check(self.rope_theta > 0, "rope_theta", "must be positive")
         if self.sliding_window is not None:
@@ -155,11 +175,17 @@ class AttentionConfig:
 
     def validate_for(self, d_model: int) -> None:
         if self.head_dim is None:
-            check(d_model % self.n_heads == 0, "n_heads",
-                  f"d_model={d_model} is not divisible by n_heads={self.n_heads}; "
-                  "set attention.head_dim")
-            check((d_model // self.n_heads) % 2 == 0, "n_heads",
-                  "d_model/n_heads must be even (rotary pairs); set attention.head_dim")
+            check(
+                d_model % self.n_heads == 0,
+                "n_heads",
+                f"d_model={d_model} is not divisible by n_heads={self.n_heads}; "
+                "set attention.head_dim",
+            )
+            check(
+                (d_model // self.n_heads) % 2 == 0,
+                "n_heads",
+                "d_model/n_heads must be even (rotary pairs); set attention.head_dim",
+            )
 
     def num_params(self, d_model: int) -> int:
         hd = self.resolved_head_dim(d_model)
@@ -231,8 +257,8 @@ class MLPConfig:
 class MoEConfig:
     """Mixture of experts. Routers: `softmax_topk` (softmax over all experts, then top-k;
     `renormalize` rescales the k weights to sum 1), `topk_softmax` (top-k logits, then softmax
-    over those k), `sigmoid` (sigmoid scores, a non-learned score-correction bias buffer used only for
-    selection, as DeepSeek-V3 / Nemotron-H). `capacity_factor: null` is dropless."""
+    over those k), `sigmoid` (sigmoid scores; a non-learned score-correction bias buffer used
+    only for selection, as DeepSeek-V3 / Nemotron-H). `capacity_factor: null` is dropless."""
 
     n_experts: int = 16
     top_k: int = 2
@@ -251,8 +277,11 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         check(self.n_experts > 0, "n_experts", "must be positive")
-        check(0 < self.top_k <= self.n_experts, "top_k",
-              f"must be between 1 and n_experts={self.n_experts}")
+        check(
+            0 < self.top_k <= self.n_experts,
+            "top_k",
+            f"must be between 1 and n_experts={self.n_experts}",
+        )
         check(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
         check(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0")
         check(self.z_loss_coef >= 0, "z_loss_coef", "must be >= 0")
@@ -262,8 +291,11 @@ class MoEConfig:
             value = getattr(self, name)
             check(value is None or value > 0, name, "must be positive")
         if self.score_correction_bias:
-            check(self.router == "sigmoid", "score_correction_bias",
-                  "only the sigmoid router uses a score-correction bias")
+            check(
+                self.router == "sigmoid",
+                "score_correction_bias",
+                "only the sigmoid router uses a score-correction bias",
+            )
 
     def uses_correction_bias(self) -> bool:
         if self.score_correction_bias is None:
@@ -300,7 +332,9 @@ class MoEConfig:
     def flops_per_token(self, d_model: int, seq_len: int) -> float:
         flops = 2 * d_model * self.n_experts  # router
         flops += 2 * self.top_k * d_model  # weighted combine of the k expert outputs
-        flops += self.top_k * mlp_matmul_flops(d_model, self.expert_hidden(d_model), self.activation)
+        flops += self.top_k * mlp_matmul_flops(
+            d_model, self.expert_hidden(d_model), self.activation
+        )
         if self.n_shared_experts:
             flops += mlp_matmul_flops(d_model, self.shared_hidden(d_model), self.activation)
         return float(flops)

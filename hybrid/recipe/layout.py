@@ -62,9 +62,12 @@ class LayoutConfig:
 
     def __post_init__(self) -> None:
         forms = [self.pattern is not None, self.block is not None, self.n_layers is not None]
-        check(sum(forms) == 1, "pattern",
-              "give exactly one of: pattern, block (+ repeat), or n_layers (+ attention_every / "
-              "attention_ratio)")
+        check(
+            sum(forms) == 1,
+            "pattern",
+            "give exactly one of: pattern, block (+ repeat), or n_layers (+ attention_every / "
+            "attention_ratio)",
+        )
         check(self.repeat >= 1, "repeat", "must be at least 1")
         if self.n_layers is None:
             for key in ("attention_every", "attention_ratio", "moe_every"):
@@ -75,12 +78,18 @@ class LayoutConfig:
 
     def _check_rules(self) -> None:
         check((self.n_layers or 0) > 0, "n_layers", "must be positive")
-        check(self.attention_every is None or self.attention_ratio is None, "attention_ratio",
-              "give attention_every or attention_ratio, not both")
+        check(
+            self.attention_every is None or self.attention_ratio is None,
+            "attention_ratio",
+            "give attention_every or attention_ratio, not both",
+        )
         if self.attention_every is not None:
             check(self.attention_every > 0, "attention_every", "must be positive")
-            check(0 <= self.attention_offset < self.attention_every, "attention_offset",
-                  "must be in [0, attention_every)")
+            check(
+                0 <= self.attention_offset < self.attention_every,
+                "attention_offset",
+                "must be in [0, attention_every)",
+            )
         if self.moe_every is not None:
             check(self.moe_every > 0, "moe_every", "must be positive")
             check(0 <= self.moe_offset < self.moe_every, "moe_offset", "must be in [0, moe_every)")
@@ -96,10 +105,15 @@ def parse_ratio(ratio: float | str) -> float:
         try:
             attn, mamba = (float(p) for p in parts)
         except ValueError:
-            raise ConfigError(f"{ratio!r} is not a ratio like '1:7' or a fraction like 0.125",
-                              key="attention_ratio") from None
-        check(attn >= 0 and mamba >= 0 and attn + mamba > 0, "attention_ratio",
-              "ratio parts must be non-negative")
+            raise ConfigError(
+                f"{ratio!r} is not a ratio like '1:7' or a fraction like 0.125",
+                key="attention_ratio",
+            ) from None
+        check(
+            attn >= 0 and mamba >= 0 and attn + mamba > 0,
+            "attention_ratio",
+            "ratio parts must be non-negative",
+        )
         return attn / (attn + mamba)
     check(0.0 <= ratio <= 1.0, "attention_ratio", "a fraction must be in [0, 1]")
     return float(ratio)
@@ -118,11 +132,15 @@ def _parse_pattern(text: str, key: str) -> list[str]:
         elif char in _MEGATRON_ONLY:
             raise ConfigError(
                 f"symbol {char!r} at position {pos} ({_MEGATRON_ONLY[char]}) is a Megatron-LM "
-                f"symbol that hybrid does not implement; supported: M * - E and | ", key=key)
+                f"symbol that hybrid does not implement; supported: M * - E and | ",
+                key=key,
+            )
         else:
             raise ConfigError(
                 f"unknown symbol {char!r} at position {pos}; use M (Mamba-2), * (attention), "
-                f"- (MLP), E (MoE), | (pipeline-stage boundary)", key=key)
+                f"- (MLP), E (MoE), | (pipeline-stage boundary)",
+                key=key,
+            )
     return out
 
 
@@ -173,8 +191,11 @@ def resolve_layout(cfg: LayoutConfig) -> list[LayerSpec]:
     stage = 0
     for pos, tok in enumerate(tokens):
         if tok == STAGE:
-            check(bool(specs) and pos + 1 < len(tokens) and tokens[pos + 1] != STAGE, "pattern",
-                  "a '|' stage boundary must sit between two sublayers")
+            check(
+                bool(specs) and pos + 1 < len(tokens) and tokens[pos + 1] != STAGE,
+                "pattern",
+                "a '|' stage boundary must sit between two sublayers",
+            )
             stage += 1
             continue
         specs.append(LayerSpec(index=len(specs), symbol=tok, stage=stage))

@@ -72,8 +72,11 @@ def load_recipe_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> tuple[d
             raise ConfigError("base must be a file path", key="base", file=str(path))
         base_path = (path.parent / base_name).resolve()
         if not base_path.is_file():
-            raise ConfigError(f"base recipe {base_name!r} not found (looked in {path.parent})",
-                              key="base", file=str(path))
+            raise ConfigError(
+                f"base recipe {base_name!r} not found (looked in {path.parent})",
+                key="base",
+                file=str(path),
+            )
         merged, provenance = load_recipe_dict(base_path, (*_chain, path))
     _record(data, "", str(path), provenance)
     return deep_merge(merged, data), provenance
@@ -108,8 +111,11 @@ def apply_overrides(data: dict, overrides: Iterable[str], provenance: dict[str, 
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"cannot set {'.'.join(parts)}: {where} is not a mapping",
-                                  key=where, file=SET_SOURCE)
+                raise ConfigError(
+                    f"cannot set {'.'.join(parts)}: {where} is not a mapping",
+                    key=where,
+                    file=SET_SOURCE,
+                )
             node = child
         node[parts[-1]] = value
         _record(value, ".".join(parts), SET_SOURCE, provenance)

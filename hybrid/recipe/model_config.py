@@ -66,7 +66,9 @@ class ModelConfig:
     def pattern(self) -> str:
         return canonical_pattern(self.layers())
 
-    def sublayer_config(self, symbol: str) -> Mamba2Config | AttentionConfig | MLPConfig | MoEConfig:
+    def sublayer_config(
+        self, symbol: str
+    ) -> Mamba2Config | AttentionConfig | MLPConfig | MoEConfig:
         return getattr(self, SUBLAYER_FIELD[symbol])
 
     @property

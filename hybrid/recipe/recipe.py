@@ -39,7 +39,9 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def recipe_from_dict(data: dict, *, provenance: dict | None = None, file: str | None = None) -> Recipe:
+def recipe_from_dict(
+    data: dict, *, provenance: dict | None = None, file: str | None = None
+) -> Recipe:
     """Typed recipe from a merged dict; errors name the key path and the file that set it."""
     try:
         return from_dict(Recipe, data)

@@ -15,7 +15,6 @@ import difflib
 import math
 import re
 import types
-import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 

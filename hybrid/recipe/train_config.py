@@ -80,11 +80,17 @@ class TrainConfig:
             check(getattr(self, name) > 0, name, "must be positive")
         for name in ("eval_every", "eval_batches", "save_every"):
             check(getattr(self, name) >= 0, name, "must be >= 0 (0 = off)")
-        check(self.global_batch is None or self.global_batch_tokens is None, "global_batch",
-              "set global_batch (sequences) or global_batch_tokens, not both")
+        check(
+            self.global_batch is None or self.global_batch_tokens is None,
+            "global_batch",
+            "set global_batch (sequences) or global_batch_tokens, not both",
+        )
         if self.global_batch_tokens is not None:
-            check(self.global_batch_tokens % self.seq_len == 0, "global_batch_tokens",
-                  f"must be a multiple of seq_len={self.seq_len}")
+            check(
+                self.global_batch_tokens % self.seq_len == 0,
+                "global_batch_tokens",
+                f"must be a multiple of seq_len={self.seq_len}",
+            )
 
     def global_batch_sequences(self, world_size: int = 1) -> int:
         if self.global_batch is not None:
@@ -100,7 +106,9 @@ class TrainConfig:
         if total % per_step:
             raise ConfigError(
                 f"global batch of {total} sequences is not divisible by micro_batch_size "
-                f"({self.micro_batch_size}) x {world_size} ranks", key="train.global_batch")
+                f"({self.micro_batch_size}) x {world_size} ranks",
+                key="train.global_batch",
+            )
         return total // per_step
 
     def tokens_per_step(self, world_size: int = 1) -> int:

@@ -74,8 +74,17 @@ def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]
     seen: dict[tuple, str] = {}
     for key, t in state.items():
         t = t.detach().cpu()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 tuple(t.stride()), t.dtype) if t.numel() else None
+        ident = (
+            (
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                tuple(t.stride()),
+                t.dtype,
+            )
+            if t.numel()
+            else None
+        )
         if ident is not None and ident in seen:
             aliases[key] = seen[ident]
             continue
@@ -94,11 +103,15 @@ def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]
     return kept, aliases
 
 
-def _write_dir(tmp: Path, step: int, model_state: dict, train_state: dict, recipe: dict,
-               meta: dict) -> None:
+def _write_dir(
+    tmp: Path, step: int, model_state: dict, train_state: dict, recipe: dict, meta: dict
+) -> None:
     tensors, aliases = _dedupe(model_state)
-    save_file(tensors, str(tmp / "model.safetensors"),
-              metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_file(
+        tensors,
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt", "aliases": json.dumps(aliases)},
+    )
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     info = {"step": step, "time": time.time(), "format": 1, **meta}
@@ -120,9 +133,16 @@ def _write_latest(ckpt_dir: Path, name: str) -> None:
     _fsync_dir(ckpt_dir)
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model_state: dict[str, Tensor],
-                    train_state: dict, recipe: dict, keep: int = 3,
-                    meta: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, Tensor],
+    train_state: dict,
+    recipe: dict,
+    keep: int = 3,
+    meta: dict | None = None,
+) -> Path:
     """Atomically write checkpoint `step` and point `latest` at it (see module docstring)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -156,9 +176,8 @@ def _write_latest_prev(ckpt_dir: Path, current: str) -> None:
 
 def _remove_stale(ckpt_dir: Path) -> None:
     for p in ckpt_dir.glob(".tmp-*"):
-        if p.is_dir() and not p.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.is_dir() and p.name.startswith(".tmp-old-"):
+        ours = p.name.endswith(f"-{os.getpid()}")
+        if p.is_dir() and (not ours or p.name.startswith(".tmp-old-")):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -233,5 +252,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, RuntimeError, ValueError, yaml.YAMLError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({err})") from None
-    return Checkpoint(path=path, step=int(meta["step"]), model_state=model_state,
-                      train_state=train_state, recipe=recipe, meta=meta)
+    return Checkpoint(
+        path=path,
+        step=int(meta["step"]),
+        model_state=model_state,
+        train_state=train_state,
+        recipe=recipe,
+        meta=meta,
+    )

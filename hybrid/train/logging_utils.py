@@ -45,11 +45,24 @@ class ProgressLine:
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
 
-    def format(self, *, step: int, loss: float, lr: float, grad_norm: float,
-               tokens_per_s: float, seconds_per_step: float = 0.0,
-               mfu: float | None = None) -> str:
-        parts = [f"step {step}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.2e}",
-                 f"gnorm {grad_norm:.3g}", f"{tokens_per_s / 1e3:.1f}K tok/s"]
+    def format(
+        self,
+        *,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens_per_s: float,
+        seconds_per_step: float = 0.0,
+        mfu: float | None = None,
+    ) -> str:
+        parts = [
+            f"step {step}/{self.total}",
+            f"loss {loss:.4f}",
+            f"lr {lr:.2e}",
+            f"gnorm {grad_norm:.3g}",
+            f"{tokens_per_s / 1e3:.1f}K tok/s",
+        ]
         if mfu is not None:
             parts.append(f"mfu {100 * mfu:.1f}%")
         eta = format_eta(seconds_per_step * (self.total - step)) if seconds_per_step else "--"
@@ -71,6 +84,7 @@ class ProgressLine:
             return
         elapsed = format_eta(time.perf_counter() - self.start)
         why = f" (stopped by {stopped_by})" if stopped_by else ""
-        self.stream.write(("\n" if self.tty else "") + f"done: step {step}/{self.total} in "
-                          f"{elapsed}{why}\n")
+        self.stream.write(
+            ("\n" if self.tty else "") + f"done: step {step}/{self.total} in {elapsed}{why}\n"
+        )
         self.stream.flush()

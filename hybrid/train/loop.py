@@ -70,8 +70,9 @@ def resolve_run_dir(recipe: Recipe, override: str | None) -> Path:
 def build_backend(recipe: Recipe) -> Backend:
     t = recipe.train
     if recipe.parallel.backend == "local":
-        return LocalBackend(device=t.device, activation_checkpointing=t.activation_checkpointing,
-                            compile=t.compile)
+        return LocalBackend(
+            device=t.device, activation_checkpointing=t.activation_checkpointing, compile=t.compile
+        )
     raise ConfigError(f"unknown parallel.backend {recipe.parallel.backend!r}")
 
 
@@ -93,27 +94,51 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
             f"{recipe.model.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}",
-            key="model.vocab_size")
+            key="model.vocab_size",
+        )
     model = build_model(recipe.model, device=backend.device)
     train_model = backend.parallelize(model)
     optimizer, groups = build_optimizer(model, t.optimizer, backend.device.type)
     scheduler = build_scheduler(optimizer, t.schedule, t.steps)
-    loader = TrainDataLoader(recipe.data, tokenizer=tokenizer, seq_len=t.seq_len,
-                             micro_batch_size=t.micro_batch_size, seed=t.seed,
-                             rank=backend.rank, world_size=backend.world_size)
-    val = build_validation_batches(recipe.data, tokenizer=tokenizer, seq_len=t.seq_len,
-                                   micro_batch_size=t.micro_batch_size,
-                                   num_batches=t.eval_batches, rank=backend.rank,
-                                   world_size=backend.world_size)
+    loader = TrainDataLoader(
+        recipe.data,
+        tokenizer=tokenizer,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        rank=backend.rank,
+        world_size=backend.world_size,
+    )
+    val = build_validation_batches(
+        recipe.data,
+        tokenizer=tokenizer,
+        seq_len=t.seq_len,
+        micro_batch_size=t.micro_batch_size,
+        num_batches=t.eval_batches,
+        rank=backend.rank,
+        world_size=backend.world_size,
+    )
     figures = model_figures(recipe.model, seq_len=t.seq_len, context=t.seq_len)
     if backend.is_main:
-        log.info("%s; %s parameters; optimizer groups %s", backend.describe(),
-                 f"{figures.params_total:,}", groups)
-    return Session(recipe=recipe, backend=backend, run_dir=run_dir, model=model,
-                   train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-                   loader=loader, val_batches=val,
-                   precision=resolve_precision(t.precision, backend.device),
-                   flops_per_token=figures.flops_per_token)
+        log.info(
+            "%s; %s parameters; optimizer groups %s",
+            backend.describe(),
+            f"{figures.params_total:,}",
+            groups,
+        )
+    return Session(
+        recipe=recipe,
+        backend=backend,
+        run_dir=run_dir,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        val_batches=val,
+        precision=resolve_precision(t.precision, backend.device),
+        flops_per_token=figures.flops_per_token,
+    )
 
 
 def save(s: Session, losses: dict[int, float]) -> None:
@@ -126,8 +151,14 @@ def save(s: Session, losses: dict[int, float]) -> None:
     }
     model_state = s.backend.model_state(s.model)
     if s.backend.is_main:
-        save_checkpoint(s.run_dir, s.step, model_state=model_state, train_state=state,
-                        recipe=s.recipe.to_dict(), keep=s.recipe.train.keep_checkpoints)
+        save_checkpoint(
+            s.run_dir,
+            s.step,
+            model_state=model_state,
+            train_state=state,
+            recipe=s.recipe.to_dict(),
+            keep=s.recipe.train.keep_checkpoints,
+        )
     s.backend.barrier()
 
 
@@ -135,8 +166,10 @@ def check_compatible(recipe: Recipe, saved: dict) -> None:
     """Refuse to resume a checkpoint of a different model."""
     saved_model = to_dict(recipe_from_dict(saved).model)
     if saved_model != to_dict(recipe.model):
-        raise ConfigError("the run directory's checkpoint was made with a different model "
-                          "section; use another --run-dir or the original recipe")
+        raise ConfigError(
+            "the run directory's checkpoint was made with a different model "
+            "section; use another --run-dir or the original recipe"
+        )
 
 
 def restore(s: Session, path: Path) -> None:
@@ -158,12 +191,18 @@ def next_batches(s: Session) -> list:
     return [next(s.loader) for _ in range(n)]
 
 
-def log_step(s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsLogger,
-             progress: ProgressLine) -> None:
+def log_step(
+    s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsLogger, progress: ProgressLine
+) -> None:
     lr = s.scheduler.get_last_lr()[0]
     tps = meter.tokens_per_second()
-    scalars = {"train/loss": r.loss, "train/lr": lr, "train/grad_norm": r.grad_norm,
-               "train/tokens_per_s": tps, "train/memory_gb": memory_gb(s.backend.device)}
+    scalars = {
+        "train/loss": r.loss,
+        "train/lr": lr,
+        "train/grad_norm": r.grad_norm,
+        "train/tokens_per_s": tps,
+        "train/memory_gb": memory_gb(s.backend.device),
+    }
     peak = peak_bf16_flops(s.backend.device)
     if peak and tps:
         scalars["train/mfu"] = mfu(tps, s.flops_per_token, peak * s.backend.world_size)
@@ -177,14 +216,30 @@ def log_step(s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsL
     logger.add_scalars(scalars, s.step)
     if s.backend.is_main:
         with open(s.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": s.step, "loss": r.loss, "lr": lr,
-                                "grad_norm": r.grad_norm, "tokens_per_s": tps,
-                                "mfu": scalars.get("train/mfu"),
-                                "memory_gb": scalars["train/memory_gb"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": s.step,
+                        "loss": r.loss,
+                        "lr": lr,
+                        "grad_norm": r.grad_norm,
+                        "tokens_per_s": tps,
+                        "mfu": scalars.get("train/mfu"),
+                        "memory_gb": scalars["train/memory_gb"],
+                    }
+                )
+                + "\n"
+            )
     if s.step % s.recipe.train.log_every == 0 or s.step == s.recipe.train.steps:
-        progress.update(step=s.step, loss=r.loss, lr=lr, grad_norm=r.grad_norm,
-                        tokens_per_s=tps, seconds_per_step=meter.seconds_per_step(),
-                        mfu=scalars.get("train/mfu"))
+        progress.update(
+            step=s.step,
+            loss=r.loss,
+            lr=lr,
+            grad_norm=r.grad_norm,
+            tokens_per_s=tps,
+            seconds_per_step=meter.seconds_per_step(),
+            mfu=scalars.get("train/mfu"),
+        )
 
 
 def maybe_evaluate(s: Session, logger: MetricsLogger) -> None:
@@ -204,14 +259,21 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: str) -> Path | None:
     if resume == "always" and latest is None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir}")
     if resume == "never" and latest is not None:
-        raise ConfigError(f"{run_dir} already has checkpoints; pass --resume to continue it or "
-                          "choose another --run-dir (nothing was overwritten)")
+        raise ConfigError(
+            f"{run_dir} already has checkpoints; pass --resume to continue it or "
+            "choose another --run-dir (nothing was overwritten)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     return latest
 
 
-def train(recipe: Recipe, *, run_dir: str | None = None, resume: str = "auto",
-          stop_at_step: int | None = None) -> TrainResult:
+def train(
+    recipe: Recipe,
+    *,
+    run_dir: str | None = None,
+    resume: str = "auto",
+    stop_at_step: int | None = None,
+) -> TrainResult:
     """Run (or continue) training; returns the per-step losses of this invocation."""
     path = resolve_run_dir(recipe, run_dir)
     latest = prepare_run_dir(recipe, path, resume)
@@ -237,15 +299,22 @@ def _run(s: Session, stop_at_step: int | None) -> TrainResult:
     with PreemptionHandler() as preempt:
         while s.step < last:
             batches = next_batches(s)
-            r = train_step(s.train_model, batches, s.optimizer, s.backend,
-                           precision=s.precision, grad_clip=t.optimizer.grad_clip)
+            r = train_step(
+                s.train_model,
+                batches,
+                s.optimizer,
+                s.backend,
+                precision=s.precision,
+                grad_clip=t.optimizer.grad_clip,
+            )
             s.scheduler.step()
             s.step += 1
             meter.update(r.tokens)
             result.losses[s.step] = r.loss
             if not math.isfinite(r.loss):
-                raise FloatingPointError(f"loss is {r.loss} at step {s.step}; lower the "
-                                         "learning rate or check the data")
+                raise FloatingPointError(
+                    f"loss is {r.loss} at step {s.step}; lower the learning rate or check the data"
+                )
             log_step(s, r, meter, logger, progress)
             maybe_evaluate(s, logger)
             if preempt.requested:

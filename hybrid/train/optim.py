@@ -36,8 +36,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig,
-                    device_type: str) -> tuple[torch.optim.AdamW, dict[str, int]]:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device_type: str
+) -> tuple[torch.optim.AdamW, dict[str, int]]:
     """AdamW (fused on CUDA unless `fused: false`); returns it and a count summary."""
     groups = param_groups(model, cfg.weight_decay)
     fused = cfg.fused if cfg.fused is not None else device_type == "cuda"

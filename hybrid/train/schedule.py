@@ -41,7 +41,11 @@ def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * _decay(progress, cfg.decay_shape)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
-                    min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    total_steps: int,
+    min_lr_ratio: float = 0.1,
+) -> torch.optim.lr_scheduler.LambdaLR:
     fn = functools.partial(lr_factor, cfg=cfg, total_steps=total_steps, min_ratio=min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -28,8 +28,7 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = signal.Signals(signum).name
-        log.warning("received %s: will save a checkpoint and stop after this step",
-                    self.requested)
+        log.warning("received %s: will save a checkpoint and stop after this step", self.requested)
 
     def __enter__(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():

@@ -57,8 +57,12 @@ def train_step(
     moe: dict = {}
     for i, batch in enumerate(batches):
         with backend.no_sync(model, last_micro_step=i == n_micro - 1), backend.autocast(precision):
-            out = model(batch["input_ids"], labels=batch["labels"], seq_idx=batch.get("seq_idx"),
-                        return_logits=False)
+            out = model(
+                batch["input_ids"],
+                labels=batch["labels"],
+                seq_idx=batch.get("seq_idx"),
+                return_logits=False,
+            )
             n_valid = float((batch["labels"] != IGNORE_INDEX).sum())
             # scale so the summed gradient is the global token mean (DDP averages over ranks)
             loss = out.loss * (n_valid * backend.world_size / total_tokens)
@@ -73,8 +77,13 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     global_loss = backend.all_reduce_sum(loss_sum) / total_tokens
     aux = backend.all_reduce_sum(aux_sum) / backend.world_size
-    return StepResult(loss=float(global_loss), aux_loss=float(aux), grad_norm=grad_norm,
-                      tokens=int(total_tokens), moe=moe)
+    return StepResult(
+        loss=float(global_loss),
+        aux_loss=float(aux),
+        grad_norm=grad_norm,
+        tokens=int(total_tokens),
+        moe=moe,
+    )
 
 
 def _clip(model: nn.Module, grad_clip: float | None) -> float:
@@ -84,8 +93,9 @@ def _clip(model: nn.Module, grad_clip: float | None) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict[str, Tensor]], backend: Backend,
-             precision: str) -> float:
+def evaluate(
+    model: nn.Module, batches: list[dict[str, Tensor]], backend: Backend, precision: str
+) -> float:
     """Mean token cross-entropy over the validation batches (all ranks)."""
     model.eval()
     loss_sum = torch.zeros((), device=backend.device, dtype=torch.float64)
@@ -94,8 +104,12 @@ def evaluate(model: nn.Module, batches: list[dict[str, Tensor]], backend: Backen
         for batch in batches:
             batch = _to_device(batch, backend.device)
             with backend.autocast(precision):
-                out = model(batch["input_ids"], labels=batch["labels"],
-                            seq_idx=batch.get("seq_idx"), return_logits=False)
+                out = model(
+                    batch["input_ids"],
+                    labels=batch["labels"],
+                    seq_idx=batch.get("seq_idx"),
+                    return_logits=False,
+                )
             n = (batch["labels"] != IGNORE_INDEX).sum()
             loss_sum += out.loss.double() * n
             count += n

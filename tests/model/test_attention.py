@@ -10,7 +10,6 @@ from hybrid.model.context import ForwardContext
 from hybrid.recipe.blocks import AttentionConfig
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     old = torch.get_default_dtype()

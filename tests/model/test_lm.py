@@ -37,7 +37,9 @@ def test_packed_documents_equal_each_document_alone(position):
     lengths = [7, 1, 12, 9]
     docs = [torch.randint(0, 50, (1, n)) for n in lengths]
     packed = torch.cat(docs, 1)
-    seq_idx = torch.cat([torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], 1)
+    seq_idx = torch.cat(
+        [torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], 1
+    )
     with torch.no_grad():
         packed_logits = model(packed, seq_idx=seq_idx).logits
         alone = torch.cat([model(d).logits for d in docs], 1)

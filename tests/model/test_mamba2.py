@@ -10,7 +10,6 @@ from hybrid.model.mamba2 import Mamba2Mixer
 from hybrid.recipe.blocks import Mamba2Config
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     old = torch.get_default_dtype()

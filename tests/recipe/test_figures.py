@@ -52,8 +52,10 @@ def test_mamba_projection_and_conv_flops_exact():
     cfg = Mamba2Config(d_state=16, head_dim=16, chunk_size=8)
     m = Mamba2Mixer(cfg, D)
     _, per_module = counted(m, torch.randn(1, L, D))
-    proj = sum(per_module["Mamba2Mixer." + name].get(torch.ops.aten.mm, 0)
-               for name in ("in_proj", "out_proj"))
+    proj = sum(
+        per_module["Mamba2Mixer." + name].get(torch.ops.aten.mm, 0)
+        for name in ("in_proj", "out_proj")
+    )
     d_inner, heads = cfg.d_inner(D), cfg.n_heads(D)
     rows = 2 * d_inner + 2 * cfg.d_state + heads
     assert proj == 2 * L * D * rows + 2 * L * d_inner * D

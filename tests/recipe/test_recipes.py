@@ -27,8 +27,15 @@ PUBLISHED = {
 
 def test_recipe_library_is_complete():
     names = {p.stem for p in ALL}
-    expected = {"jamba-1to3-moe16", "jamba-v0.1", "nemotron-h-8b", "bamba-9b",
-                "granite-4.0-h-tiny", "mamba2-2.7b", "llama-1b-baseline"}
+    expected = {
+        "jamba-1to3-moe16",
+        "jamba-v0.1",
+        "nemotron-h-8b",
+        "bamba-9b",
+        "granite-4.0-h-tiny",
+        "mamba2-2.7b",
+        "llama-1b-baseline",
+    }
     assert expected <= names
     assert {p.stem for p in DEBUG} == {"hybrid-tiny", "moe-tiny", "mamba-tiny", "attention-tiny"}
 

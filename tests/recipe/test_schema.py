@@ -69,7 +69,9 @@ def test_model_config_cross_checks():
         from_dict(ModelConfig, {"d_model": 96, "attention": {"n_heads": 7}})
     assert info.value.key == "attention.n_heads"
     with pytest.raises(ConfigError) as info:
-        from_dict(ModelConfig, {"d_model": 80, "layout": {"pattern": "MM"}, "mamba": {"head_dim": 64}})
+        from_dict(
+            ModelConfig, {"d_model": 80, "layout": {"pattern": "MM"}, "mamba": {"head_dim": 64}}
+        )
     assert info.value.key == "mamba.head_dim"
     with pytest.raises(ConfigError) as info:
         from_dict(ModelConfig, {"d_model": 128, "mamba": {"head_dim": 32, "n_groups": 3}})

@@ -15,10 +15,23 @@ from hybrid.train.checkpoint import find_latest, load_checkpoint
 
 
 def start(recipe_file, run_dir, *extra, env=None):
-    cmd = [sys.executable, "-m", "hybrid.cli", "train", str(recipe_file),
-           "--run-dir", str(run_dir), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybrid.cli",
+        "train",
+        str(recipe_file),
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_for(predicate, proc, timeout=120.0):
@@ -52,9 +65,25 @@ def test_signal_saves_and_exits_cleanly_then_resumes(tiny_recipe_file, tmp_path,
     stopped = load_checkpoint(run).step
     assert stopped == max(steps_logged(run)) and 3 <= stopped < 400
     done = subprocess.run(
-        [sys.executable, "-m", "hybrid.cli", "train", str(tiny_recipe_file), "--run-dir",
-         str(run), "--set", "train.steps=400", "--set", "train.save_every=0",
-         "--stop-at-step", str(stopped + 2)], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "hybrid.cli",
+            "train",
+            str(tiny_recipe_file),
+            "--run-dir",
+            str(run),
+            "--set",
+            "train.steps=400",
+            "--set",
+            "train.save_every=0",
+            "--stop-at-step",
+            str(stopped + 2),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert steps_logged(run) == list(range(1, stopped + 3))  # continuous, nothing lost
     assert load_checkpoint(run).step == stopped + 2
@@ -67,13 +96,16 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_recipe_file, tmp_pat
     proc = start(tiny_recipe_file, run, env={"HYBRID_CKPT_TEST_PAUSE": f"{phase}@4:60"})
     ckpts = run / "checkpoints"
     if phase == "after_tmp_write":
-        wait_for(lambda: (ckpts / "latest").exists() and list(ckpts.glob(".tmp-step-00000004*")),
-                 proc)
+        wait_for(
+            lambda: (ckpts / "latest").exists() and list(ckpts.glob(".tmp-step-00000004*")), proc
+        )
     elif phase == "before_latest":
         wait_for(lambda: (ckpts / "step-00000004").exists(), proc)
     else:
-        wait_for(lambda: (ckpts / "latest").exists()
-                 and "00000004" in (ckpts / "latest").read_text(), proc)
+        wait_for(
+            lambda: (ckpts / "latest").exists() and "00000004" in (ckpts / "latest").read_text(),
+            proc,
+        )
     time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -82,8 +114,11 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_recipe_file, tmp_pat
     assert load_checkpoint(latest).step == expected
     # the run resumes from there and finishes
     done = subprocess.run(
-        [sys.executable, "-m", "hybrid.cli", "train", str(tiny_recipe_file), "--run-dir",
-         str(run)], capture_output=True, text=True, timeout=180)
+        [sys.executable, "-m", "hybrid.cli", "train", str(tiny_recipe_file), "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert load_checkpoint(run).step == 8
     assert not list(ckpts.glob(".tmp-*"))
