@@ -20,7 +20,7 @@ TINY = {
         "mlp": {"hidden_size": 128},
         "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 64},
     },
-    "data": {"sources": [{"kind": "stdlib", "max_files": 40}]},
+    "data": {"sources": [{"kind": "stdlib", "max_files": 40}], "valid_fraction": 0.1},
     "train": {
         "seq_len": 64,
         "micro_batch_size": 2,

@@ -41,7 +41,16 @@ def test_checkpoint_contents_and_keep(tiny_recipe_file, tmp_path):
     assert set(ckpt.train_state) >= {"optimizer", "scheduler", "rng", "data", "step"}
     assert ckpt.recipe["model"]["d_model"] == 64
     assert "embed.weight" in ckpt.model_state
-    assert (tmp_path / "run" / "tensorboard").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/memory_gb", "val/loss", "val/ppl", "moe/aux_loss",
+                "moe/layer3/router_entropy", "moe/layer3/load/expert0"}
+    assert expected <= tags, expected - tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
 
 def test_resume_flags(tiny_recipe_file, tmp_path):
