@@ -18,13 +18,32 @@ def losses(run_dir):
 def test_torchrun_two_ranks_match_one_process(tiny_recipe_file, tmp_path):
     common = [str(tiny_recipe_file), "--set", "train.steps=5", "--set", "train.save_every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "hybrid.cli", "train", *common, "--run-dir",
-                          str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "hybrid.cli", "train", *common, "--run-dir", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--standalone", "-m", "hybrid.cli", "train", *common,
-         "--run-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--standalone",
+            "-m",
+            "hybrid.cli",
+            "train",
+            *common,
+            "--run-dir",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 5

@@ -14,13 +14,18 @@ from hybrid.train.schedule import build_scheduler, lr_factor
 
 
 def small_model(tie=False):
-    cfg = from_dict(ModelConfig, {
-        "d_model": 32, "vocab_size": 40, "tie_embeddings": tie,
-        "layout": {"pattern": "M-*E"},
-        "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 8},
-        "attention": {"n_heads": 4, "bias": True},
-        "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 16},
-    })
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "d_model": 32,
+            "vocab_size": 40,
+            "tie_embeddings": tie,
+            "layout": {"pattern": "M-*E"},
+            "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 8},
+            "attention": {"n_heads": 4, "bias": True},
+            "moe": {"n_experts": 4, "top_k": 2, "expert_hidden_size": 16},
+        },
+    )
     return build_model(cfg)
 
 
@@ -35,8 +40,12 @@ def test_param_groups_cover_every_parameter_once(tie):
     plain_names = {names[i] for i in plain}
     assert "embed.weight" in plain_names
     for n in plain_names:
-        assert ("norm" in n or n.endswith("bias") or n.split(".")[-1] in ("A_log", "D", "dt_bias")
-                or n == "embed.weight"), n
+        assert (
+            "norm" in n
+            or n.endswith("bias")
+            or n.split(".")[-1] in ("A_log", "D", "dt_bias")
+            or n == "embed.weight"
+        ), n
     decay_names = {names[i] for i in decay}
     assert "layers.0.mixer.in_proj.weight" in decay_names
     assert "layers.3.mixer.experts.up_proj" in decay_names
@@ -90,7 +99,8 @@ def test_scheduler_state_round_trips():
 
 def test_global_batch_accumulation():
     assert TrainConfig(micro_batch_size=4, global_batch=16).grad_accum_steps(2) == 2
-    assert TrainConfig(seq_len=128, micro_batch_size=2, global_batch_tokens=1024).grad_accum_steps() == 4
+    cfg = TrainConfig(seq_len=128, micro_batch_size=2, global_batch_tokens=1024)
+    assert cfg.grad_accum_steps() == 4
     with pytest.raises(ConfigError, match="not divisible"):
         TrainConfig(micro_batch_size=3, global_batch=16).grad_accum_steps(2)
     with pytest.raises(ConfigError, match="multiple of seq_len"):
@@ -111,8 +121,10 @@ def test_selective_checkpointing_gives_the_same_gradients():
         torch.manual_seed(1)
         out = model(ids[:, :-1], labels=ids[:, 1:])
         (out.loss + out.aux_loss).backward()
-        grads[mode] = {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
-                       for n, p in model.named_parameters()}
+        grads[mode] = {
+            n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+            for n, p in model.named_parameters()
+        }
         assert set(model.state_dict()) == set(ref.state_dict())  # canonical names kept
     for mode in ("selective", "full"):
         for n, g in grads["none"].items():

@@ -46,9 +46,18 @@ def test_checkpoint_contents_and_keep(tiny_recipe_file, tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                "train/memory_gb", "val/loss", "val/ppl", "moe/aux_loss",
-                "moe/layer3/router_entropy", "moe/layer3/load/expert0"}
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/memory_gb",
+        "val/loss",
+        "val/ppl",
+        "moe/aux_loss",
+        "moe/layer3/router_entropy",
+        "moe/layer3/load/expert0",
+    }
     assert expected <= tags, expected - tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
