@@ -288,6 +288,14 @@ def train(
         s.backend.close()
 
 
+def stop_requested(backend: Backend, preempt: PreemptionHandler) -> str | None:
+    """All ranks stop at the same step if any rank received a preemption signal."""
+    flag = torch.tensor(1.0 if preempt.requested else 0.0, device=backend.device)
+    if float(backend.all_reduce_sum(flag)) > 0:
+        return preempt.requested or "a signal on another rank"
+    return None
+
+
 def _run(s: Session, stop_at_step: int | None) -> TrainResult:
     t = s.recipe.train
     result = TrainResult(run_dir=s.run_dir, step=s.step)
@@ -317,8 +325,8 @@ def _run(s: Session, stop_at_step: int | None) -> TrainResult:
                 )
             log_step(s, r, meter, logger, progress)
             maybe_evaluate(s, logger)
-            if preempt.requested:
-                result.stopped_by = preempt.requested
+            result.stopped_by = stop_requested(s.backend, preempt)
+            if result.stopped_by:
                 break
             if t.save_every and s.step % t.save_every == 0 and s.step < last:
                 save(s, result.losses)
