@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from hybrid.commands.common import add_recipe_args, recipe_from_args
 
@@ -61,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
     from hybrid.train.loop import train  # heavy imports only when training
 
     recipe = recipe_from_args(args)
-    result = train(recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step)
+    try:
+        result = train(
+            recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step
+        )
+    except FloatingPointError as err:  # diverged: say what to do, no traceback
+        print(f"hybrid train: {err}", file=sys.stderr)
+        return 1
     if result.stopped_by:
         print(
             f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from hybrid_kernels.ssd_ref import ssd_chunked_ref, ssd_step_ref
 from torch import Tensor
 
@@ -19,6 +20,9 @@ SSD_STEP = define_op("ssd_step")
 SSD_STEP.register("torch", ssd_step_ref)
 
 
+# Inductor (torch 2.11, CUDA) fails to generate code for the reference's chunked cumulative sums,
+# so `torch.compile` leaves this op eager (a Triton kernel as a custom op will replace it).
+@torch.compiler.disable
 def ssd(
     x: Tensor,
     dt: Tensor,

@@ -99,7 +99,7 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
     model = build_model(recipe.model, device=backend.device)
     train_model = backend.parallelize(model)
     optimizer, groups = build_optimizer(model, t.optimizer, backend.device.type)
-    scheduler = build_scheduler(optimizer, t.schedule, t.steps)
+    scheduler = build_scheduler(optimizer, t.schedule, t.steps, t.optimizer.min_lr_ratio)
     loader = TrainDataLoader(
         recipe.data,
         tokenizer=tokenizer,
@@ -191,11 +191,8 @@ def next_batches(s: Session) -> list:
     return [next(s.loader) for _ in range(n)]
 
 
-def log_step(
-    s: Session, r: StepResult, meter: ThroughputMeter, logger: MetricsLogger, progress: ProgressLine
-) -> None:
-    lr = s.scheduler.get_last_lr()[0]
-    tps = meter.tokens_per_second()
+def step_scalars(s: Session, r: StepResult, lr: float, tps: float) -> dict[str, float]:
+    """TensorBoard scalars of one step (tags documented in hybrid.train.logging_utils)."""
     scalars = {
         "train/loss": r.loss,
         "train/lr": lr,
@@ -213,23 +210,33 @@ def log_step(
             scalars[f"moe/layer{idx}/dropped_fraction"] = stats["dropped"]
             for e, load in enumerate(stats["load"].tolist()):
                 scalars[f"moe/layer{idx}/load/expert{e}"] = load
+    return scalars
+
+
+def log_step(
+    s: Session,
+    r: StepResult,
+    lr: float,
+    meter: ThroughputMeter,
+    logger: MetricsLogger,
+    progress: ProgressLine,
+) -> None:
+    """TensorBoard scalars, one metrics.jsonl line, and the console line every log_every."""
+    tps = meter.tokens_per_second()
+    scalars = step_scalars(s, r, lr, tps)
     logger.add_scalars(scalars, s.step)
     if s.backend.is_main:
+        row = {
+            "step": s.step,
+            "loss": r.loss,
+            "lr": lr,
+            "grad_norm": r.grad_norm,
+            "tokens_per_s": tps,
+            "mfu": scalars.get("train/mfu"),
+            "memory_gb": scalars["train/memory_gb"],
+        }
         with open(s.run_dir / "metrics.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "step": s.step,
-                        "loss": r.loss,
-                        "lr": lr,
-                        "grad_norm": r.grad_norm,
-                        "tokens_per_s": tps,
-                        "mfu": scalars.get("train/mfu"),
-                        "memory_gb": scalars["train/memory_gb"],
-                    }
-                )
-                + "\n"
-            )
+            f.write(json.dumps(row) + "\n")
     if s.step % s.recipe.train.log_every == 0 or s.step == s.recipe.train.steps:
         progress.update(
             step=s.step,
@@ -242,15 +249,16 @@ def log_step(
         )
 
 
-def maybe_evaluate(s: Session, logger: MetricsLogger) -> None:
+def maybe_evaluate(s: Session, logger: MetricsLogger, progress: ProgressLine) -> bool:
+    """Validation loss and perplexity every eval_every steps and at the end; True if it ran."""
     t = s.recipe.train
     if not s.val_batches or not t.eval_every or s.step % t.eval_every and s.step != t.steps:
-        return
+        return False
     loss = evaluate(s.train_model, s.val_batches, s.backend, s.precision)
     ppl = math.exp(min(loss, 50.0))
     logger.add_scalars({"val/loss": loss, "val/ppl": ppl}, s.step)
-    if s.backend.is_main:
-        log.info("step %d: validation loss %.4f, perplexity %.2f", s.step, loss, ppl)
+    progress.message(f"step {s.step}: validation loss {loss:.4f}, perplexity {ppl:.2f}")
+    return True
 
 
 def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: str) -> Path | None:
@@ -296,6 +304,29 @@ def stop_requested(backend: Backend, preempt: PreemptionHandler) -> str | None:
     return None
 
 
+def one_step(s: Session, meter: ThroughputMeter) -> tuple[StepResult, float]:
+    """One optimizer step; returns its result and the learning rate it used."""
+    lr = s.optimizer.param_groups[0]["lr"]
+    t = s.recipe.train
+    r = train_step(
+        s.train_model,
+        next_batches(s),
+        s.optimizer,
+        s.backend,
+        precision=s.precision,
+        grad_clip=t.optimizer.grad_clip,
+    )
+    s.scheduler.step()
+    s.step += 1
+    meter.update(r.tokens)
+    if not math.isfinite(r.loss):
+        raise FloatingPointError(
+            f"loss is {r.loss} at step {s.step}; lower the learning rate, "
+            "check the data, or resume from an earlier checkpoint"
+        )
+    return r, lr
+
+
 def _run(s: Session, stop_at_step: int | None) -> TrainResult:
     t = s.recipe.train
     result = TrainResult(run_dir=s.run_dir, step=s.step)
@@ -306,32 +337,20 @@ def _run(s: Session, stop_at_step: int | None) -> TrainResult:
     s.train_model.train()
     with PreemptionHandler() as preempt:
         while s.step < last:
-            batches = next_batches(s)
-            r = train_step(
-                s.train_model,
-                batches,
-                s.optimizer,
-                s.backend,
-                precision=s.precision,
-                grad_clip=t.optimizer.grad_clip,
-            )
-            s.scheduler.step()
-            s.step += 1
-            meter.update(r.tokens)
+            r, lr = one_step(s, meter)
             result.losses[s.step] = r.loss
-            if not math.isfinite(r.loss):
-                raise FloatingPointError(
-                    f"loss is {r.loss} at step {s.step}; lower the learning rate or check the data"
-                )
-            log_step(s, r, meter, logger, progress)
-            maybe_evaluate(s, logger)
+            log_step(s, r, lr, meter, logger, progress)
+            paused = maybe_evaluate(s, logger, progress)
             result.stopped_by = stop_requested(s.backend, preempt)
             if result.stopped_by:
                 break
             if t.save_every and s.step % t.save_every == 0 and s.step < last:
                 save(s, result.losses)
+                paused = True
+            if paused:
+                meter.mark()  # evaluation / saving time is not training throughput
     save(s, result.losses)
     logger.close()
-    progress.finish(step=s.step, stopped_by=result.stopped_by)
+    progress.finish(step=s.step, stopped_by=result.stopped_by, final_loss=result.losses.get(s.step))
     result.step = s.step
     return result
