@@ -4,22 +4,13 @@ import math
 
 import pytest
 import torch
+from model_helpers import rel
 
 from hybrid.model.attention import Attention
 from hybrid.model.context import ForwardContext
 from hybrid.recipe.blocks import AttentionConfig
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def naive_rope(x, pos, rotary_dim, theta):

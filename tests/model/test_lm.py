@@ -3,6 +3,7 @@ config's figures exactly, recurrent decoding equals the full forward."""
 
 import pytest
 import torch
+from model_helpers import rel
 
 from hybrid.model import build_model
 from hybrid.recipe.analysis import model_figures
@@ -23,10 +24,6 @@ def tiny_cfg(**kw) -> ModelConfig:
     }
     base.update(kw)
     return from_dict(ModelConfig, base)
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("position", ["rope", "none"])

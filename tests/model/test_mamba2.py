@@ -4,22 +4,13 @@ token-by-token recurrent step agree (float64, relative error < 1e-10), and packe
 
 import pytest
 import torch
+from model_helpers import rel
 
 from hybrid.model.context import ForwardContext
 from hybrid.model.mamba2 import Mamba2Mixer
 from hybrid.recipe.blocks import Mamba2Config
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def make(d_model=32, **kw):
