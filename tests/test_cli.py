@@ -125,3 +125,12 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "does not implement" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_print_recipe_round_trips(capsys, tmp_path):
+    code, out, _ = run(capsys, "inspect", str(TINY), "--print-recipe", "--set", "model.d_model=64")
+    assert code == 0 and "d_state: 16" in out and "d_model: 64" in out
+    path = write(tmp_path, "resolved.yaml", out)
+    from hybrid.recipe.recipe import load_recipe
+
+    assert load_recipe(path) == load_recipe(TINY, ["model.d_model=64"])

@@ -32,11 +32,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="context length for the inference-cache figure (default: train.seq_len)",
     )
     p.add_argument("--layers", action="store_true", help="also list every sublayer")
+    p.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="print the fully resolved recipe (base merged, overrides applied, every default "
+        "filled in) as YAML and exit",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+        return 0
     if args.context is not None and args.context <= 0:
         raise ConfigError(f"--context must be positive, got {args.context}")
     context = args.context or recipe.train.seq_len
