@@ -108,9 +108,14 @@ class HybridLM(nn.Module):
         if return_logits or labels is None:
             out.logits = logits
         if labels is not None:
-            out.loss = F.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+            total = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             )
+            # mean over label tokens; a batch with none gives 0 (not 0/0 = NaN)
+            out.loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
         if aux:
             out.aux_loss = torch.stack([a.aux_loss for _, a in aux]).sum()
             out.moe = dict(aux)

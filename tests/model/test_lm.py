@@ -93,3 +93,18 @@ def test_loss_and_aux_loss_have_gradients():
     (out.loss + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_loss_is_the_label_token_mean_and_finite_without_labels():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids[:, 1:].clone()
+    labels[0, :4] = -100
+    out = model(ids[:, :-1], labels=labels)
+    ref = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
+    assert torch.allclose(out.loss, ref, rtol=1e-6)
+    empty = model(ids[:, :-1], labels=torch.full_like(labels, -100))
+    empty.loss.backward()
+    assert empty.loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
