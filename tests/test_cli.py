@@ -134,3 +134,39 @@ def test_print_recipe_round_trips(capsys, tmp_path):
     from hybrid.recipe.recipe import load_recipe
 
     assert load_recipe(path) == load_recipe(TINY, ["model.d_model=64"])
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.layout.attention_ratio=1:7", "M-M-M-M-*-M-M-M-"),  # YAML 1.1 would read 67
+        ("name=2024", "M-M-*-M-"),
+    ],
+)
+def test_yaml_scalars_are_read_as_written(capsys, override, expected):
+    extra = ["--set", "model.layout.pattern=null", "--set", "model.layout.n_layers=8"]
+    argv = ["inspect", str(TINY), "--json", "--set", override]
+    if "attention_ratio" in override:
+        argv += extra
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["pattern"] == expected
+
+
+def test_unused_attention_settings_name_the_comparison_model(capsys):
+    mamba = ROOT / "recipes" / "debug" / "mamba-tiny.yaml"
+    code, _, err = run(capsys, "inspect", str(mamba), "--set", "model.attention.n_heads=3")
+    assert code == 2 and "model.attention.n_heads" in err and "comparison model" in err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--run-dir", "/tmp/{nme}"], "only the placeholder {name}"),
+        (["--stop-at-step", "0"], "--stop-at-step must be at least 1"),
+        (["--set", "train.global_batch=6"], "not divisible"),
+    ],
+)
+def test_train_flag_errors(capsys, argv, needle):
+    code, _, err = run(capsys, "train", str(TINY), *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

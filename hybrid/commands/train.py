@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hybrid.commands.common import add_recipe_args, recipe_from_args
+from hybrid.recipe.schema import ConfigError
 
 HELP = """Train a recipe. The run directory (train.run_dir, default runs/<recipe name>) receives
 checkpoints, TensorBoard events (tensorboard --logdir runs/) and metrics.jsonl. A run directory
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from hybrid.train.loop import train  # heavy imports only when training
 
     recipe = recipe_from_args(args)
+    if args.stop_at_step is not None and args.stop_at_step < 1:
+        raise ConfigError(f"--stop-at-step must be at least 1, got {args.stop_at_step}")
     try:
         result = train(
             recipe, run_dir=args.run_dir, resume=args.resume, stop_at_step=args.stop_at_step
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except FloatingPointError as err:  # diverged: say what to do, no traceback
         print(f"hybrid train: {err}", file=sys.stderr)
         return 1
-    if result.stopped_by:
+    if result.stopped_by and os.environ.get("RANK", "0") == "0":
         print(
             f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in "
             f"{result.run_dir}"

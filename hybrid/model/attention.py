@@ -47,6 +47,14 @@ def apply_rope(x_BLHE: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([rotated.to(x_BLHE.dtype), rest], dim=-1)
 
 
+def _one_document_per_row(ctx: ForwardContext) -> bool:
+    """Whether no row of the batch holds a document boundary (checked once per forward)."""
+    if "one_doc_per_row" not in ctx.scratch:
+        seq = ctx.seq_idx
+        ctx.scratch["one_doc_per_row"] = bool((seq[:, 0] == seq[:, -1]).all())
+    return ctx.scratch["one_doc_per_row"]
+
+
 @register_sublayer("*")
 class Attention(nn.Module):
     def __init__(self, cfg: AttentionConfig, d_model: int):
@@ -91,12 +99,14 @@ class Attention(nn.Module):
         return q, k, v
 
     def _shared_mask(self, ctx: ForwardContext, L: int, device: torch.device) -> Tensor | None:
-        if ctx.seq_idx is None and self.cfg.sliding_window is None:
-            return None
-        key = f"attn_mask:{L}:{self.cfg.sliding_window}"
+        """The (shared) boolean mask for packed rows / sliding window; None = plain causal."""
+        window = self.cfg.sliding_window
+        if window is None and (ctx.seq_idx is None or _one_document_per_row(ctx)):
+            return None  # lets SDPA use its flash / cuDNN causal kernels
+        key = f"attn_mask:{L}:{window}"
         if key not in ctx.scratch:
             ctx.scratch[key] = attention_mask(
-                L, L, seq_idx_BL=ctx.seq_idx, window=self.cfg.sliding_window, device=device
+                L, L, seq_idx_BL=ctx.seq_idx, window=window, device=device
             )
         return ctx.scratch[key]
 

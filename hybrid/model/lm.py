@@ -50,6 +50,14 @@ class LMOutput:
     moe: dict[int, Any] = field(default_factory=dict)
 
 
+def cached_length(states: dict[int, Any] | None) -> int:
+    """Tokens already seen by an inference state (0 if none or no attention layer)."""
+    for state in (states or {}).values():
+        if hasattr(state, "k"):
+            return int(state.k.shape[1])
+    return 0
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -90,18 +98,22 @@ class HybridLM(nn.Module):
         seq_idx: Tensor | None = None,
         position_ids: Tensor | None = None,
         states: dict[int, Any] | None = None,
-        position_offset: int = 0,
+        position_offset: int | None = None,
         return_logits: bool = True,
     ) -> LMOutput:
         """input_ids (B,L); labels (B,L) next-token targets (IGNORE_INDEX = no loss);
         seq_idx (B,L) document index in packed rows; states: per-layer inference state (filled
-        in place, see `empty_states`)."""
+        in place, see `empty_states`); positions continue after the cached tokens unless
+        `position_offset` says otherwise."""
+        if position_offset is None:
+            position_offset = cached_length(states)
         ctx = ForwardContext(
             seq_idx=seq_idx,
             position_ids=position_ids,
             states=states,
             position_offset=position_offset,
         )
+
         h, aux = self.hidden_states(input_ids, ctx)
         out = LMOutput()
         logits = self.lm_head(h)

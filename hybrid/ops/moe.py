@@ -115,6 +115,15 @@ def unpermute(y_MD: Tensor, order_M: Tensor, weights_TK: Tensor, n_tokens: int) 
     return y_TD.to(y_MD.dtype)
 
 
+def _autocast_operands(x_MD: Tensor, w_EDF: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast, run in the autocast dtype (fp32 master weights cast as for a matmul)."""
+    device = x_MD.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return x_MD.to(dtype), w_EDF.to(dtype)
+    return x_MD, w_EDF
+
+
 def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     """Per-expert matmul over contiguous row blocks: rows of expert e times `w_EDF[e]`.
 
@@ -130,6 +139,7 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
     Returns:
         (M, F).
     """
+    x_MD, w_EDF = _autocast_operands(x_MD, w_EDF)
     use_fused, reason = grouped_mm_backend(x_MD, w_EDF)
     _log_choice("torch._grouped_mm" if use_fused else "per-expert loop", reason)
     if use_fused:

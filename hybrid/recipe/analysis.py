@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from hybrid.recipe.layout import LayerSpec, LayoutConfig, canonical_pattern
 from hybrid.recipe.model_config import ModelConfig
+from hybrid.recipe.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,12 @@ def attention_only(cfg: ModelConfig) -> ModelConfig:
 def recipe_figures(cfg: ModelConfig, *, seq_len: int, context: int) -> dict:
     """`hybrid inspect --json`'s object: figures of the model and of its attention-only twin."""
     ours = model_figures(cfg, seq_len=seq_len, context=context)
-    base = model_figures(attention_only(cfg), seq_len=seq_len, context=context)
+    try:
+        twin = attention_only(cfg)
+    except ConfigError as err:
+        msg = f"{err.message} (the attention-only comparison model uses these settings)"
+        raise ConfigError(msg, key=f"model.{err.key}") from None
+    base = model_figures(twin, seq_len=seq_len, context=context)
     out = ours.summary()
     out["params_embedding"] = ours.params_embedding
     out["seq_len"] = seq_len

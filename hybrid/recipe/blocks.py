@@ -174,6 +174,12 @@ class AttentionConfig:
         return dim - dim % 2
 
     def validate_for(self, d_model: int) -> None:
+        if self.position == "rope":
+            check(
+                self.rotary_dim(d_model) >= 2,
+                "rotary_fraction",
+                "rotates fewer than 2 dims of each head; raise it or use position: none",
+            )
         if self.head_dim is None:
             check(
                 d_model % self.n_heads == 0,
@@ -258,7 +264,8 @@ class MoEConfig:
     """Mixture of experts. Routers: `softmax_topk` (softmax over all experts, then top-k;
     `renormalize` rescales the k weights to sum 1), `topk_softmax` (top-k logits, then softmax
     over those k), `sigmoid` (sigmoid scores; a non-learned score-correction bias buffer used
-    only for selection, as DeepSeek-V3 / Nemotron-H). `capacity_factor: null` is dropless."""
+    only for selection, as DeepSeek-V3 / Nemotron-H, moved by `bias_update_rate` after every
+    optimizer step towards balanced loads). `capacity_factor: null` is dropless."""
 
     n_experts: int = 16
     top_k: int = 2
@@ -273,6 +280,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     routed_scaling_factor: float = 1.0
     score_correction_bias: bool | None = None
+    bias_update_rate: float = 1e-3
     bias: bool = False
 
     def __post_init__(self) -> None:
@@ -290,6 +298,9 @@ class MoEConfig:
         for name in ("expert_hidden_size", "shared_hidden_size"):
             value = getattr(self, name)
             check(value is None or value > 0, name, "must be positive")
+        check(self.bias_update_rate >= 0, "bias_update_rate", "must be >= 0 (0 = frozen bias)")
+        if self.capacity_factor is not None:
+            check(math.isfinite(self.capacity_factor), "capacity_factor", "must be finite")
         if self.score_correction_bias:
             check(
                 self.router == "sigmoid",

@@ -16,6 +16,7 @@ Shorter forms, all expanding to the canonical one in `resolve_layout` (a pure fu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,9 +111,9 @@ def parse_ratio(ratio: float | str) -> float:
                 key="attention_ratio",
             ) from None
         check(
-            attn >= 0 and mamba >= 0 and attn + mamba > 0,
+            attn >= 0 and mamba >= 0 and 0 < attn + mamba < math.inf,
             "attention_ratio",
-            "ratio parts must be non-negative",
+            "ratio parts must be finite and non-negative",
         )
         return attn / (attn + mamba)
     check(0.0 <= ratio <= 1.0, "attention_ratio", "a fraction must be in [0, 1]")

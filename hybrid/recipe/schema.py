@@ -107,6 +107,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp in (int, float):
         return _convert_number(tp, value, path)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. name: 2024
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {value!r}", key=path)
         return value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from hybrid.train.optim import build_optimizer
 from hybrid.train.rng import capture_rng_state, restore_rng_state
 from hybrid.train.schedule import build_scheduler
 from hybrid.train.signals import PreemptionHandler
-from hybrid.train.step import StepResult, evaluate, train_step
+from hybrid.train.step import StepResult, evaluate, train_step, update_router_biases
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,12 @@ class Session:
 
 def resolve_run_dir(recipe: Recipe, override: str | None) -> Path:
     text = override or recipe.train.run_dir
-    return Path(text.format(name=recipe.name)).expanduser()
+    try:
+        return Path(text.format(name=recipe.name)).expanduser()
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(
+            f"run dir {text!r}: only the placeholder {{name}} is known", key="train.run_dir"
+        ) from None
 
 
 def build_backend(recipe: Recipe) -> Backend:
@@ -88,6 +94,7 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
     """Build backend, tokenizer check, model, optimizer, schedule and data for `recipe`."""
     t = recipe.train
     backend = build_backend(recipe)
+    t.grad_accum_steps(backend.world_size)  # fail before building anything
     torch.manual_seed(t.seed)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > recipe.model.vocab_size:
@@ -172,6 +179,16 @@ def check_compatible(recipe: Recipe, saved: dict) -> None:
         )
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics.jsonl rows of steps after the checkpoint (they will be trained again)."""
+    if not path.exists():
+        return
+    rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def restore(s: Session, path: Path) -> None:
     ckpt = load_checkpoint(path)
     check_compatible(s.recipe, ckpt.recipe)
@@ -182,6 +199,7 @@ def restore(s: Session, path: Path) -> None:
     s.loader.load_state_dict(st["data"])
     restore_rng_state(st["rng"])
     s.step = int(st["step"])
+    drop_metrics_after(s.run_dir / "metrics.jsonl", s.step)
     if s.backend.is_main:
         log.info("resumed from %s at step %d", path, s.step)
 
@@ -271,7 +289,10 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: str) -> Path | None:
             f"{run_dir} already has checkpoints; pass --resume to continue it or "
             "choose another --run-dir (nothing was overwritten)"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create run dir {run_dir}: {err.strerror}") from None
     return latest
 
 
@@ -317,6 +338,8 @@ def one_step(s: Session, meter: ThroughputMeter) -> tuple[StepResult, float]:
         grad_clip=t.optimizer.grad_clip,
     )
     s.scheduler.step()
+    if r.moe:
+        update_router_biases(s.model, r.moe, s.backend)
     s.step += 1
     meter.update(r.tokens)
     if not math.isfinite(r.loss):

@@ -117,3 +117,17 @@ def evaluate(
         model.train()
     total = backend.all_reduce_sum(torch.stack([loss_sum, count]))
     return float(total[0] / total[1].clamp(min=1))
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, moe: dict, backend: Backend) -> None:
+    """Aux-loss-free balancing: move each score-correction bias towards balanced expert loads,
+    using this step's loads averaged over all ranks (so every replica applies the same update)."""
+    for layer in model.layers:
+        mixer = layer.mixer
+        bias = getattr(getattr(mixer, "router", None), "expert_bias", None)
+        if bias is None or layer.mixer.layer_idx not in moe or not mixer.cfg.bias_update_rate:
+            continue
+        load = moe[mixer.layer_idx]["load"].to(backend.device)
+        load = backend.all_reduce_sum(load) / backend.world_size
+        mixer.update_expert_bias(load, mixer.cfg.bias_update_rate)

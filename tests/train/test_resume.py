@@ -72,3 +72,15 @@ def test_resume_flags(tiny_recipe_file, tmp_path):
     other = load_recipe(tiny_recipe_file, ["model.d_model=32", "train.steps=2"])
     with pytest.raises(ConfigError, match="different model"):
         train(other, run_dir=str(tmp_path / "r"))
+
+
+def test_sigmoid_router_bias_moves_and_resumes_exactly(tiny_recipe_file, tmp_path):
+    sets = ["model.moe.router=sigmoid", "train.steps=4"]
+    recipe = load_recipe(tiny_recipe_file, sets)
+    full = train(recipe, run_dir=str(tmp_path / "full"))
+    bias = load_checkpoint(tmp_path / "full").model_state["layers.3.mixer.router.expert_bias"]
+    assert bias.abs().max() > 0  # aux-loss-free balancing moved it
+    train(recipe, run_dir=str(tmp_path / "split"), stop_at_step=2)
+    second = train(recipe, run_dir=str(tmp_path / "split"))
+    assert second.losses == {k: v for k, v in full.losses.items() if k > 2}
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "full")  # no duplicated rows
