@@ -74,7 +74,7 @@ class DataSourceConfig:
     max_files: int | None = None
 
     def __post_init__(self) -> None:
-        check(self.weight > 0, "weight", "must be positive")
+        check(0 < self.weight < float("inf"), "weight", "must be positive and finite")
         check(self.max_files is None or self.max_files > 0, "max_files", "must be positive")
         if self.kind in ("hf", "indexed"):
             check(bool(self.path), "path", f"a source of kind {self.kind!r} needs a path")

@@ -186,6 +186,8 @@ def resolve_layout(cfg: LayoutConfig) -> list[LayerSpec]:
         tokens = _parse_pattern(cfg.pattern, "pattern")
     elif cfg.block is not None:
         tokens = _parse_pattern(cfg.block, "block") * cfg.repeat
+        if tokens and tokens[-1] == STAGE:  # "M-*-|" x N: one pipeline stage per block
+            tokens = tokens[:-1]
     else:
         tokens = _layer_rules(cfg)
     specs: list[LayerSpec] = []

@@ -24,6 +24,7 @@ def test_stage_boundaries_are_kept_and_numbered():
 
 def test_block_repeat():
     assert pattern(block="M-M-M-*E", repeat=3) == "M-M-M-*E" * 3
+    assert pattern(block="M-*-|", repeat=3) == "M-*-|M-*-|M-*-"  # one stage per block
 
 
 def test_jamba_v01_period_offset_rules():
