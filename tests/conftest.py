@@ -1,9 +1,19 @@
-"""Suite-wide test settings: tests marked `gpu` run only where CUDA is available."""
+"""Suite-wide test settings.
+
+* Tests marked `gpu` run only where CUDA is available.
+* Without CUDA, Triton kernels run on the CPU under Triton's interpreter: TRITON_INTERPRET must be
+  set before any kernel module is imported (Triton reads it when a kernel is defined).
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,8 +6,10 @@ arguments. `Op.select(device, requested)` picks one:
 
 1. `requested` (the `impl=` argument of a public op), when given;
 2. else the one named for this op in the environment variable `HYBRID_OPS_IMPL`;
-3. else the highest-priority implementation that supports the device (logged once per op and
-   device type).
+3. else the highest-priority implementation that supports the device and is meant to be chosen
+   automatically there (`auto`, default: `supports`), logged once per op and device type.
+   The Triton kernels, for example, support CPU tensors under the Triton interpreter
+   (TRITON_INTERPRET=1, for tests) but are chosen automatically only on CUDA.
 
 A requested or forced implementation that is unknown or does not support the device raises
 `ValueError`; nothing falls back silently.
@@ -50,6 +52,10 @@ class Impl:
     fn: Callable[..., Any]
     supports: Callable[[torch.device], bool]
     priority: int
+    auto: Callable[[torch.device], bool] | None = None
+
+    def chosen_automatically(self, device: torch.device) -> bool:
+        return self.supports(device) and (self.auto is None or self.auto(device))
 
 
 class Op:
@@ -69,11 +75,13 @@ class Op:
         *,
         supports: Callable[[torch.device], bool] = any_device,
         priority: int = 0,
+        auto: Callable[[torch.device], bool] | None = None,
     ) -> Impl:
-        """Add implementation `name`; a higher `priority` wins automatic selection."""
+        """Add implementation `name`; a higher `priority` wins automatic selection among those
+        whose `auto(device)` (default: `supports(device)`) holds."""
         if name in self._impls:
             raise ValueError(f"{self.name} implementation {name!r} is already registered")
-        impl = Impl(name=name, fn=fn, supports=supports, priority=priority)
+        impl = Impl(name=name, fn=fn, supports=supports, priority=priority, auto=auto)
         self._impls[name] = impl
         return impl
 
@@ -105,7 +113,7 @@ class Op:
             if source != "requested":
                 self._log_once(impl, device, source)
             return impl
-        available = self.available(device)
+        available = [i for i in self.available(device) if i.chosen_automatically(device)]
         if not available:
             raise ValueError(
                 f"no {self.name} implementation is available on {device.type}; "
@@ -148,10 +156,10 @@ def register(
     *,
     supports: Callable[[torch.device], bool] = any_device,
     priority: int = 0,
+    auto: Callable[[torch.device], bool] | None = None,
 ) -> Impl:
-    """Register implementation `name` of op `op`, e.g. (for issue #4's Triton kernels)
-    `register("ssd", "triton", ssd_triton, supports=lambda d: d.type == "cuda", priority=10)`."""
-    return get_op(op).register(name, fn, supports=supports, priority=priority)
+    """Register implementation `name` of op `op` (see `Op.register`)."""
+    return get_op(op).register(name, fn, supports=supports, priority=priority, auto=auto)
 
 
 def parse_forced(value: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """`ssd` and `ssd_step`: the Mamba-2 SSD scan and its one-token decoding step.
 
-Implementations: "torch" (`hybrid_kernels.ssd_ref`, any device). See `hybrid.ops._registry` for
-how one is chosen.
+Implementations: "triton" (`hybrid_kernels.ssd_triton`: CUDA, or CPU tensors under
+TRITON_INTERPRET=1; chosen automatically on CUDA) and "torch" (`hybrid_kernels.ssd_ref`, any
+device). See `hybrid.ops._registry` for how one is chosen. The decoding step stays in PyTorch.
 """
 
 from __future__ import annotations
@@ -14,15 +15,30 @@ from torch import Tensor
 
 from hybrid.ops._registry import define_op
 
+try:
+    from hybrid_kernels.ssd_triton import interpreting, ssd_triton
+except ImportError:  # triton is not installed: only the PyTorch reference is registered
+    ssd_triton = None
+
+
+def _cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _cuda_or_interpreted(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
 SSD = define_op("ssd")
-SSD.register("torch", ssd_chunked_ref)
+# Inductor (torch 2.11, CUDA) fails to generate code for the reference's chunked cumulative sums,
+# so `torch.compile` leaves the reference eager; the Triton kernel is a custom op it traces.
+SSD.register("torch", torch.compiler.disable(ssd_chunked_ref))
+if ssd_triton is not None:
+    SSD.register("triton", ssd_triton, supports=_cuda_or_interpreted, auto=_cuda, priority=10)
 SSD_STEP = define_op("ssd_step")
 SSD_STEP.register("torch", ssd_step_ref)
 
 
-# Inductor (torch 2.11, CUDA) fails to generate code for the reference's chunked cumulative sums,
-# so `torch.compile` leaves this op eager (a Triton kernel as a custom op will replace it).
-@torch.compiler.disable
 def ssd(
     x: Tensor,
     dt: Tensor,

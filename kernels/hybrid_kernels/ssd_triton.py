@@ -1,0 +1,748 @@
+"""Mamba-2 SSD scan in Triton: forward and a deterministic backward (no atomics).
+
+Semantics are those of `hybrid_kernels.ssd_ref.ssd_chunked_ref` (and mamba_ssm's
+`mamba_chunk_scan_combined`): dt processing (bias, softplus, clamp), A (H), B and C per group,
+D (H) or (H, P), optional z gate, initial and final states, `seq_idx` document boundaries.
+
+Kernels, top-down:
+
+* `_ssd_scan_fwd_kernel` — one program per (batch, head, block of P) walks the chunks in order,
+  keeping the running state (P x N, fp32) in registers. Per chunk it computes the intra-chunk
+  quadratic form (C B^T masked by the decay), adds the entering state's contribution C h, and
+  updates the state with the chunk's own inputs. The forward therefore reads x, dt, B, C once
+  and writes only y (and the final state): no per-chunk states go to memory. With
+  `STORE_STATES` it instead writes the state entering every chunk, which the backward uses.
+* `_ssd_dstate_bwd_kernel` — the same walk in reverse for the state gradient: it writes the
+  gradient flowing into each chunk's end state and returns the initial-state gradient.
+* `_ssd_chunk_bwd_kernel` — one program per (chunk, group, split of the group's heads) computes
+  dx, ddt (through softplus/clamp), dz, and accumulates dB and dC over the heads of its split in
+  registers; partial sums over splits, chunks and batch (dB, dC, dA, dD, dt_bias) are reduced by
+  `torch.sum`, so two backward passes give bitwise-equal gradients.
+
+The kernels chunk the sequence in blocks of `KERNEL_CHUNK` positions, whatever `chunk_size` the
+caller gives: the SSD result does not depend on the chunk size.
+
+Shape legend: B batch, L length, H heads, P head dim, G groups, R heads per group, N state size,
+C chunks, Q positions of a chunk (rows), S positions of a chunk (columns).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybrid_kernels.ssd_ref import _check_shapes
+
+KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
+FWD_CHUNK = 128  # chunk of the forward scan
+DEFAULT_DT_LIMIT = (0.0, math.inf)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _process_dt(dt, bias, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr):
+    """dt + bias -> (softplus? and clamp?, derivative of that with respect to dt)."""
+    grad = tl.full(dt.shape, 1.0, tl.float32)
+    u = dt + bias
+    if SOFTPLUS:
+        e = tl.exp(tl.minimum(u, 20.0))
+        sp = tl.where(u <= 20.0, tl.log(1.0 + e), u)
+        grad = tl.where(u <= 20.0, e / (1.0 + e), 1.0)
+        u = sp
+    if CLAMP:
+        inside = (u >= dt_min) & (u <= dt_max)
+        grad = tl.where(inside, grad, 0.0)
+        u = tl.minimum(tl.maximum(u, dt_min), dt_max)
+    return u, grad
+
+
+@triton.jit
+def _load_chunk_dt(
+    dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max,
+    Q: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+):  # fmt: skip
+    """Chunk c of head h from a contiguous raw dt (B, L, H): (pos, valid, processed dt (zero
+    past L), d processed / d raw)."""
+    pos = c * Q + tl.arange(0, Q)
+    valid = pos < L
+    raw = tl.load(dt_ptr + (b * L + pos) * H + h, mask=valid, other=0.0).to(tl.float32)
+    bias = 0.0
+    if HAS_DTB:
+        bias = tl.load(dtb_ptr + h).to(tl.float32)
+    dt, grad = _process_dt(raw, bias, dt_min, dt_max, SOFTPLUS, CLAMP)
+    return pos, valid, tl.where(valid, dt, 0.0), grad
+
+
+@triton.jit
+def _last(v, offs, Q: tl.constexpr):
+    """The value at the last position of a chunk vector."""
+    return tl.sum(tl.where(offs == Q - 1, v, 0.0), axis=0)
+
+
+@triton.jit
+def _o_off(b, pos, h, offs_p, L, H, P):
+    """Offsets into a contiguous (B, L, H, P) tensor for rows `pos` of head h."""
+    return ((b * L + pos[:, None]) * H + h) * P + offs_p[None, :]
+
+
+@triton.jit
+def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
+    """Offsets into a contiguous (B, C, H, P, N) per-chunk state tensor."""
+    return (((b * nchunks + c) * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+
+
+@triton.jit
+def _ssd_scan_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, init_ptr, seq_ptr,
+    y_ptr, ypre_ptr, final_ptr, states_ptr,
+    L, H, P, N, R, nchunks, dt_min, dt_max,
+    s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_YPRE: tl.constexpr, STORE_STATES: tl.constexpr,
+    WRITE_FINAL: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Program (P block, b * H + h): walk the chunks, carrying the state in registers."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // R
+    offs_q = tl.arange(0, Q)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + h).to(tl.float32)
+    fin_off = ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    if HAS_INIT:
+        state = tl.load(init_ptr + fin_off, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_SEQ:
+        prev_doc = tl.load(seq_ptr + b * L)
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    for c in range(nchunks):
+        pos, valid, dt, _ = _load_chunk_dt(
+            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+        )
+        cs = tl.cumsum(dt * A, axis=0)
+        cl = _last(cs, offs_q, Q)
+        row_mask = valid[:, None] & mask_p[None, :]
+        x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
+        xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
+        bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+        bc_mask = valid[:, None] & mask_n[None, :]
+        Bm = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0)
+        if STORE_STATES:
+            st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
+            tl.store(states_ptr + st_off, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
+        w = tl.exp(cl - cs) * dt
+        if HAS_SEQ:
+            seq = tl.load(seq_ptr + b * L + tl.minimum(pos, L - 1))
+            seq_last = tl.max(seq, axis=0)
+            w = tl.where(seq == seq_last, w, 0.0)
+        if WRITE_Y:
+            Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
+            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+            keep = causal
+            if HAS_SEQ:
+                keep = keep & (seq[:, None] == seq[None, :])
+            M = CB * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf"))) * dt[None, :]
+            y = tl.dot(M.to(xm.dtype), xm, input_precision=PREC)
+            off = tl.dot(Cm, tl.trans(state.to(Cm.dtype)), input_precision=PREC)
+            scale = tl.exp(cs)
+            if HAS_SEQ:
+                scale = tl.where(seq == prev_doc, scale, 0.0)
+            y += off * scale[:, None]
+            if HAS_D:
+                y += xm.to(tl.float32) * Dv
+            o_off = _o_off(b, pos, h, offs_p, L, H, P)
+            if HAS_Z:
+                if WRITE_YPRE:
+                    tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
+                z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+                zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+        xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
+        chunk_state = tl.dot(tl.trans(xw), Bm, input_precision=PREC)
+        carry = tl.exp(cl)
+        if HAS_SEQ:
+            carry = tl.where(seq_last == prev_doc, carry, 0.0)
+            prev_doc = seq_last
+        state = state * carry + chunk_state
+    if WRITE_FINAL:
+        tl.store(final_ptr + fin_off, state, mask=mask_pn)
+
+
+@triton.jit
+def _ssd_dstate_bwd_kernel(
+    dy_ptr, z_ptr, dt_ptr, A_ptr, C_ptr, dtb_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    L, H, P, N, R, nchunks, dt_min, dt_max,
+    s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
+    HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dstates[c] = d loss / d (state at the end of chunk c), walking the chunks backwards."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // R
+    offs_q = tl.arange(0, Q)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + h).to(tl.float32)
+    fin_off = ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    if HAS_DFINAL:
+        dH = tl.load(dfinal_ptr + fin_off, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        dH = tl.zeros((BP, BN), dtype=tl.float32)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
+        tl.store(dstates_ptr + st_off, dH.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        pos, valid, dt, _ = _load_chunk_dt(
+            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+        )
+        cs = tl.cumsum(dt * A, axis=0)
+        cl = _last(cs, offs_q, Q)
+        row_mask = valid[:, None] & mask_p[None, :]
+        dy = tl.load(dy_ptr + _o_off(b, pos, h, offs_p, L, H, P), mask=row_mask, other=0.0)
+        dy = dy.to(tl.float32)
+        if HAS_Z:
+            z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+            zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
+            dy = dy * zv * tl.sigmoid(zv)
+        bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+        Cm = tl.load(C_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
+        scale = tl.exp(cs)
+        carry = tl.exp(cl)
+        if HAS_SEQ:
+            seq = tl.load(seq_ptr + b * L + tl.minimum(pos, L - 1))
+            prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+            scale = tl.where(seq == prev_doc, scale, 0.0)
+            carry = tl.where(tl.max(seq, axis=0) == prev_doc, carry, 0.0)
+        dys = (dy * scale[:, None]).to(Cm.dtype)
+        dH = dH * carry + tl.dot(tl.trans(dys), Cm, input_precision=PREC)
+    if WRITE_DINIT:
+        tl.store(dinit_ptr + fin_off, dH, mask=mask_pn)
+
+
+@triton.jit
+def _chunk_decays(seq_ptr, b, c, pos, L, cs, cl, offs_q, Q: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Decays of one chunk and head, document masks applied: E (Q, S) intra-chunk, gS (into
+    the chunk's end state), scale (from the entering state), carry (entering -> end state)."""
+    keep = offs_q[:, None] >= offs_q[None, :]
+    gS = tl.exp(cl - cs)
+    scale = tl.exp(cs)
+    carry = tl.exp(cl)
+    if HAS_SEQ:
+        seq = tl.load(seq_ptr + b * L + tl.minimum(pos, L - 1))
+        seq_last = tl.max(seq, axis=0)
+        prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        keep = keep & (seq[:, None] == seq[None, :])
+        gS = tl.where(seq == seq_last, gS, 0.0)
+        scale = tl.where(seq == prev_doc, scale, 0.0)
+        carry = tl.where(seq_last == prev_doc, carry, 0.0)
+    E = tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+    return E, gS, scale, carry
+
+
+@triton.jit
+def _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z: tl.constexpr,
+             WRITE_DZ: tl.constexpr):  # fmt: skip
+    """dy of the ungated output (dy * silu(z)); with WRITE_DZ also stores dz."""
+    dy = tl.load(dy_ptr + o_off, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(zv)
+        if WRITE_DZ:
+            ypre = tl.load(ypre_ptr + o_off, mask=row_mask, other=0.0).to(tl.float32)
+            dz = dy * ypre * sig * (1.0 + zv * (1.0 - sig))
+            tl.store(dz_ptr + o_off, dz.to(dz_ptr.dtype.element_ty), mask=row_mask)
+        dy = dy * zv * sig
+    return dy
+
+
+@triton.jit
+def _ssd_dx_bwd_kernel(
+    x_ptr, dy_ptr, z_ptr, ypre_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dtb_ptr, seq_ptr,
+    states_ptr, dstates_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
+    L, H, P, N, R, nchunks, dt_min, dt_max,
+    s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Program (b * C + c, h): dx, dz, ddt (raw dt) of chunk c and head h, and the partial
+    sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are `_ssd_dbc_bwd_kernel`'s."""
+    pid_bc = tl.program_id(0)
+    h = tl.program_id(1)
+    b = pid_bc // nchunks
+    c = pid_bc % nchunks
+    g = h // R
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mask_p = offs_p < P
+    mask_pn = mask_p[:, None] & (offs_n < N)[None, :]
+    A = tl.load(A_ptr + h).to(tl.float32)
+    pos, valid, dt, dgrad = _load_chunk_dt(
+        dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+    )
+    cs = tl.cumsum(dt * A, axis=0)
+    cl = _last(cs, offs_q, Q)
+    E, gS, scale, carry = _chunk_decays(seq_ptr, b, c, pos, L, cs, cl, offs_q, Q, HAS_SEQ)
+    row_mask = valid[:, None] & mask_p[None, :]
+    bc_mask = valid[:, None] & (offs_n < N)[None, :]
+    bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+    Bm = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0)
+    Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
+    x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
+    o_off = _o_off(b, pos, h, offs_p, L, H, P)
+    z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+    xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
+    dy = _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z, True)
+    st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
+    Hprev = tl.load(states_ptr + st_off, mask=mask_pn, other=0.0)
+    dS = tl.load(dstates_ptr + st_off, mask=mask_pn, other=0.0)
+    xf = xm.to(tl.float32)
+    dyc = dy.to(xm.dtype)
+    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+    # dx = dt * (intra + state terms) + D dy; ddt's explicit part is x . (those terms).
+    sB = tl.dot(Bm, tl.trans(dS.to(Bm.dtype)), input_precision=PREC)
+    gx = tl.dot(tl.trans((CB * E).to(xm.dtype)), dyc, input_precision=PREC)
+    gx += gS[:, None] * sB
+    dx = dt[:, None] * gx
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            dx += dy * Dv[None, :]
+        else:
+            dx += dy * tl.load(D_ptr + h).to(tl.float32)
+        tl.store(dD_ptr + (pid_bc * H + h) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
+    tl.store(dx_ptr + o_off, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
+    # dcs: the derivative with respect to the in-chunk cumsum of dt * A.
+    W = tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :] * CB
+    dcs = tl.sum(W, axis=1) - tl.sum(W, axis=0)
+    CH = tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
+    dcs += scale * tl.sum(dy * CH, axis=1)
+    U = gS * dt * tl.sum(xf * sB, axis=1)
+    dcs -= U
+    at_end = tl.sum(U, axis=0) + carry * tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32))
+    dcs += tl.where(offs_q == Q - 1, at_end, 0.0)
+    da = tl.cumsum(dcs, axis=0, reverse=True)
+    ddt = (tl.sum(xf * gx, axis=1) + A * da) * dgrad
+    tl.store(ddt_ptr + (b * L + pos) * H + h, ddt, mask=valid)
+    tl.store(dA_ptr + pid_bc * H + h, tl.sum(da * dt, axis=0))
+
+
+@triton.jit
+def _ssd_dbc_bwd_kernel(
+    x_ptr, dy_ptr, z_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dtb_ptr, seq_ptr,
+    states_ptr, dstates_ptr, dB_ptr, dC_ptr,
+    L, H, P, N, R, G, nchunks, heads_per_split, dt_min, dt_max,
+    s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
+    HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+    HAS_SEQ: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BNB: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Program (split, b * C + c, g * n_blocks + n_block): dB and dC of chunk c on one block of
+    N, summed over the heads of one split of group g, into partials (splits, B, L, G, N) fp32."""
+    pid_s = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    pid_gn = tl.program_id(2)
+    n_blocks = tl.cdiv(N, BNB)
+    g = pid_gn // n_blocks
+    b = pid_bc // nchunks
+    c = pid_bc % nchunks
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    offs_n = (pid_gn % n_blocks) * BNB + tl.arange(0, BNB)
+    mask_p = offs_p < P
+    mask_n = offs_n < N
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    pos = c * Q + offs_q
+    valid = pos < L
+    row_mask = valid[:, None] & mask_p[None, :]
+    bc_mask = valid[:, None] & mask_n[None, :]
+    bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+    Bm = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0)
+    Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
+    dB_acc = tl.zeros((Q, BNB), dtype=tl.float32)
+    dC_acc = tl.zeros((Q, BNB), dtype=tl.float32)
+    h_start = g * R + pid_s * heads_per_split
+    h_end = tl.minimum(h_start + heads_per_split, (g + 1) * R)
+    for h in range(h_start, h_end):
+        A = tl.load(A_ptr + h).to(tl.float32)
+        _, _, dt, _ = _load_chunk_dt(
+            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+        )
+        cs = tl.cumsum(dt * A, axis=0)
+        cl = _last(cs, offs_q, Q)
+        E, gS, scale, _ = _chunk_decays(seq_ptr, b, c, pos, L, cs, cl, offs_q, Q, HAS_SEQ)
+        x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
+        o_off = _o_off(b, pos, h, offs_p, L, H, P)
+        z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+        xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
+        dyc = _load_dy(dy_ptr, z_ptr, z_ptr, z_ptr, o_off, z_off, row_mask, HAS_Z, False)
+        dyc = dyc.to(xm.dtype)
+        st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
+        Hprev = tl.load(states_ptr + st_off, mask=mask_pn, other=0.0)
+        dS = tl.load(dstates_ptr + st_off, mask=mask_pn, other=0.0)
+        dCB = (tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :]).to(xm.dtype)
+        dC_acc += scale[:, None] * tl.dot(dyc, Hprev.to(xm.dtype), input_precision=PREC)
+        dC_acc += tl.dot(dCB, Bm, input_precision=PREC)
+        dB_acc += (gS * dt)[:, None] * tl.dot(xm, dS.to(xm.dtype), input_precision=PREC)
+        dB_acc += tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+    batch = tl.num_programs(1) // nchunks
+    dst = (((pid_s * batch + b) * L + pos[:, None]) * G + g) * N + offs_n[None, :]
+    tl.store(dB_ptr + dst, dB_acc, mask=bc_mask)
+    tl.store(dC_ptr + dst, dC_acc, mask=bc_mask)
+
+
+# -- launchers -------------------------------------------------------------------------------
+
+
+def _blocks(P: int, N: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+
+
+def _prec(dtype: torch.dtype) -> str:
+    """fp32 inputs keep fp32 dot products (no TF32), so fp32 results match the reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _device_ctx(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _Null()
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _fwd_p_block(batch: int, H: int, BP_full: int) -> int:
+    """Split P until there are enough programs to fill a GPU (each P block recomputes C B^T)."""
+    BP = BP_full
+    while BP > 16 and batch * H * (BP_full // BP) < 264:
+        BP //= 2
+    return BP
+
+
+def _rows(t: Tensor | None) -> Tensor | None:
+    """Make the last dim unit-stride (the kernels index rows by stride, columns densely)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _flags(D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool,
+           dt_min: float, dt_max: float, seq_idx: Tensor | None) -> dict:  # fmt: skip
+    return dict(
+        HAS_D=D is not None,
+        D_PER_P=D is not None and D.dim() == 2,
+        HAS_Z=z is not None,
+        HAS_DTB=dt_bias is not None,
+        SOFTPLUS=dt_softplus,
+        CLAMP=(dt_min, dt_max) != DEFAULT_DT_LIMIT,
+        HAS_SEQ=seq_idx is not None,
+    )
+
+
+def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
+              *, write_y: bool, write_ypre: bool, store_states: bool, chunk: int = FWD_CHUNK,
+              num_warps: int = 8, num_stages: int = 2):  # fmt: skip
+    """Launch `_ssd_scan_fwd_kernel`. Returns (y, ypre, final (B, H, P, N) fp32, states
+    (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`)."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    Q = chunk
+    nchunks = triton.cdiv(L, Q)
+    BPfull, BN = _blocks(P, N)
+    BP = _fwd_p_block(batch, H, BPfull)
+    y = torch.empty(batch, L, H, P, device=x.device, dtype=x.dtype) if write_y else None
+    ypre = torch.empty_like(y) if write_ypre else None
+    final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+    states = None
+    if store_states:
+        states = torch.empty(batch, nchunks, H, P, N, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(P, BP), batch * H)
+    with _device_ctx(x):
+        _ssd_scan_fwd_kernel[grid](
+            x, dt, A, B, C, D, z, dt_bias, init, seq_idx,
+            y, ypre, final, states,
+            L, H, P, N, H // G, nchunks, dt_min, dt_max,
+            x.stride(0), x.stride(1), x.stride(2),
+            B.stride(0), B.stride(1), B.stride(2),
+            *(z.stride()[:3] if z is not None else (0, 0, 0)),
+            HAS_INIT=init is not None, WRITE_Y=write_y, WRITE_YPRE=write_ypre,
+            STORE_STATES=store_states, WRITE_FINAL=True,
+            Q=Q, BP=BP, BN=BN, PREC=_prec(x.dtype),
+            **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    return y, ypre, final, states
+
+
+def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P,
+             *, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
+    """Launch `_ssd_dstate_bwd_kernel`. Returns (dstates (B, C, H, P, N), dinit fp32)."""
+    batch, L = dt.shape[:2]
+    G, N = C.shape[2:]
+    Q = KERNEL_CHUNK
+    nchunks = triton.cdiv(L, Q)
+    BPfull, BN = _blocks(P, N)
+    BP = _fwd_p_block(batch, H, BPfull)
+    dstates = torch.empty(batch, nchunks, H, P, N, device=dy.device, dtype=C.dtype)
+    dinit = torch.empty(batch, H, P, N, device=dy.device, dtype=torch.float32)
+    grid = (triton.cdiv(P, BP), batch * H)
+    with _device_ctx(dy):
+        _ssd_dstate_bwd_kernel[grid](
+            dy, z, dt, A, C, dt_bias, seq_idx, dfinal, dstates, dinit,
+            L, H, P, N, H // G, nchunks, dt_min, dt_max,
+            C.stride(0), C.stride(1), C.stride(2),
+            *(z.stride()[:3] if z is not None else (0, 0, 0)),
+            HAS_Z=z is not None, HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus,
+            CLAMP=(dt_min, dt_max) != DEFAULT_DT_LIMIT, HAS_SEQ=seq_idx is not None,
+            HAS_DFINAL=dfinal is not None, WRITE_DINIT=True,
+            Q=Q, BP=BP, BN=BN, PREC=_prec(C.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    return dstates, dinit
+
+
+def _heads_per_split(programs: int, R: int, min_programs: int) -> int:
+    """Split each group's heads over enough programs to fill a GPU; dB / dC partial sums over
+    splits are reduced afterwards (deterministically)."""
+    splits = max(1, min(R, triton.cdiv(min_programs, programs)))
+    return triton.cdiv(R, splits)
+
+
+def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
+               dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 2,
+               dbc_block_n: int = 32, dbc_warps: int = 4, dbc_stages: int = 2,
+               dbc_min_programs: int = 1056):  # fmt: skip
+    """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    R = H // G
+    Q = KERNEL_CHUNK
+    nchunks = triton.cdiv(L, Q)
+    BP, BN = _blocks(P, N)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty(batch, L, H, P, device=x.device, dtype=x.dtype)
+    dz = torch.empty(batch, L, H, P, device=x.device, dtype=z.dtype) if z is not None else None
+    ddt = torch.empty(batch, L, H, **f32)
+    dA = torch.empty(batch * nchunks, H, **f32)
+    dD = torch.empty(batch * nchunks, H, P, **f32) if D is not None else None
+    flags = _flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx)
+    strides = (
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        *(z.stride()[:3] if z is not None else (0, 0, 0)),
+    )  # fmt: skip
+    BNB = min(dbc_block_n, BN)
+    n_blocks = triton.cdiv(N, BNB)
+    hps = _heads_per_split(batch * nchunks * G * n_blocks, R, dbc_min_programs)
+    splits = triton.cdiv(R, hps)
+    dB = torch.empty(splits, batch, L, G, N, **f32)
+    dC = torch.empty(splits, batch, L, G, N, **f32)
+    with _device_ctx(x):
+        _ssd_dx_bwd_kernel[(batch * nchunks, H)](
+            x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
+            dx, dz, ddt, dA, dD, L, H, P, N, R, nchunks, dt_min, dt_max, *strides,
+            Q=Q, BP=BP, BN=BN, PREC=_prec(x.dtype), **flags,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        _ssd_dbc_bwd_kernel[(splits, batch * nchunks, G * n_blocks)](
+            x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC,
+            L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
+            HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
+            CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"],
+            Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype),
+            num_warps=dbc_warps, num_stages=dbc_stages,
+        )  # fmt: skip
+    dD_sum = None
+    if D is not None:
+        dD_sum = dD.sum(0)
+        dD_sum = dD_sum if D.dim() == 2 else dD_sum.sum(-1)
+    return dx, dz, ddt, dB.sum(0), dC.sum(0), dA.sum(0), dD_sum
+
+
+# -- custom ops and autograd -----------------------------------------------------------------
+# `hybrid_kernels::ssd_fwd` / `ssd_bwd` are opaque to torch.compile (fake implementations give
+# the shapes), so a compiled model calls the kernels as they are.
+
+
+@torch.library.custom_op("hybrid_kernels::ssd_fwd", mutates_args=())
+def _ssd_fwd_op(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+    z: Tensor | None, dt_bias: Tensor | None, initial_states: Tensor | None,
+    seq_idx: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, keep_ypre: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """-> (y (B, L, H, P), y before the z gate (or an empty tensor), final state fp32)."""
+    y, ypre, final, _ = _scan_fwd(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max,
+        write_y=True, write_ypre=keep_ypre and z is not None, store_states=False,
+    )  # fmt: skip
+    return y, ypre if ypre is not None else x.new_empty(0), final
+
+
+@_ssd_fwd_op.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max,
+      keep_ypre):  # fmt: skip
+    batch, _, H, P = x.shape
+    N = B.shape[-1]
+    ypre = torch.empty_like(x) if keep_ypre and z is not None else x.new_empty(0)
+    return torch.empty_like(x), ypre, x.new_empty(batch, H, P, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("hybrid_kernels::ssd_bwd", mutates_args=())
+def _ssd_bwd_op(
+    dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, ypre: Tensor | None, dt_bias: Tensor | None,
+    initial_states: Tensor | None, seq_idx: Tensor | None, dt_softplus: bool, dt_min: float,
+    dt_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """-> (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); empty tensors for absent inputs."""
+    H, P = x.shape[2:]
+    dy = dy.contiguous()
+    _, _, _, states = _scan_fwd(
+        x, dt, A, B, C, None, None, dt_bias, initial_states, seq_idx, dt_softplus, dt_min,
+        dt_max, write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,
+        num_warps=4,
+    )  # fmt: skip
+    dstates, dinit = _dstates(
+        dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P
+    )
+    dx, dz, ddt, dB, dC, dA, dD = _chunk_bwd(
+        x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
+        dt_softplus, dt_min, dt_max,
+    )  # fmt: skip
+    ddt_bias = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+
+    def out(g: Tensor | None, t: Tensor | None) -> Tensor:
+        # Absent inputs get distinct empty tensors (custom-op outputs may not alias).
+        return g.to(t.dtype) if g is not None and t is not None else x.new_empty(0)
+
+    return (
+        dx,
+        out(ddt, dt),
+        out(dA, A),
+        out(dB, B),
+        out(dC, C),
+        out(dD, D),
+        out(dz, z),
+        out(ddt_bias, dt_bias),
+        out(dinit, initial_states),
+    )
+
+
+@_ssd_bwd_op.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, z, ypre, dt_bias, initial_states, seq_idx, dt_softplus,
+      dt_min, dt_max):  # fmt: skip
+    def like(t: Tensor | None) -> Tensor:
+        return torch.empty_like(t) if t is not None else x.new_empty(0)
+
+    return (
+        torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
+        torch.empty_like(C), like(D), like(z), like(dt_bias), like(initial_states),
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, dt, A, B, C, D, z, dt_bias, init, seq_idx, softplus, dt_min, dt_max, _ = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, output[1], dt_bias, init, seq_idx)
+    ctx.args = (softplus, dt_min, dt_max)
+    ctx.has_z = z is not None
+
+
+def _backward(ctx, dy, _dypre, dfinal):
+    x, dt, A, B, C, D, z, ypre, dt_bias, init, seq_idx = ctx.saved_tensors
+    grads = _ssd_bwd_op(
+        dy, dfinal, x, dt, A, B, C, D, z, ypre if ctx.has_z else None, dt_bias, init, seq_idx,
+        *ctx.args,
+    )  # fmt: skip
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+
+    def opt(g: Tensor, t: Tensor | None) -> Tensor | None:
+        return g if t is not None else None
+
+    return (dx, ddt, dA, dB, dC, opt(dD, D), opt(dz, z), opt(ddt_bias, dt_bias),
+            opt(dinit, init), None, None, None, None, None)  # fmt: skip
+
+
+_ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public function -------------------------------------------------------------------------
+
+
+def ssd_triton(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int | None = None,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = DEFAULT_DT_LIMIT,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    return_final_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked SSD scan in Triton; same arguments and results as `ssd_chunked_ref`.
+
+    Shapes: x (B, L, H, P), dt (B, L, H), A (H), B and C (B, L, G, N), D (H) or (H, P),
+    z (B, L, H, P), dt_bias (H), initial_states (B, H, P, N), seq_idx (B, L). Returns y
+    (B, L, H, P) in x's dtype [and the final state (B, H, P, N) in fp32]. Inputs may be fp32,
+    bf16 or fp16 (accumulation in fp32); `chunk_size` is accepted for interface parity and the
+    kernels use their own chunk (`KERNEL_CHUNK`). Differentiable; the backward is deterministic.
+    """
+    _check_shapes(x, dt, A, B, C, D, z, initial_states, seq_idx)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"ssd_triton: x must be fp32, bf16 or fp16, got {x.dtype}")
+    x, z = _rows(x), _rows(z)
+    B, C = B.to(x.dtype), C.to(x.dtype)
+    if B.stride() != C.stride() or B.stride(-1) != 1:
+        B, C = B.contiguous(), C.contiguous()
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    dt_min, dt_max = float(dt_limit[0]), float(dt_limit[1])
+    y, _, final = _ssd_fwd_op(
+        x, dt.contiguous(), A.contiguous(), B, C,
+        D.contiguous() if D is not None else None, z,
+        dt_bias.contiguous() if dt_bias is not None else None,
+        initial_states.contiguous() if initial_states is not None else None, seq,
+        bool(dt_softplus), dt_min, dt_max, torch.is_grad_enabled(),
+    )  # fmt: skip
+    return (y, final) if return_final_states else y
+
+
+__all__ = ["KERNEL_CHUNK", "interpreting", "ssd_triton"]

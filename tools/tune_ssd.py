@@ -1,0 +1,85 @@
+"""Time each SSD kernel launch alone over launch configurations (num_warps, num_stages).
+
+    python tools/tune_ssd.py [--shape B,L,H,P,G,N]
+
+Prints one line per kernel and configuration (do_bench median, ms) so the defaults in
+`hybrid_kernels/ssd_triton.py` can be chosen from measurements on the GPU at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+
+from hybrid_kernels import ssd_triton as k  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="4,4096,64,64,1,128", help="B,L,H,P,G,N")
+    args = parser.parse_args(argv)
+    b, L, H, P, G, N = (int(v) for v in args.shape.split(","))
+    dev, bf = "cuda", torch.bfloat16
+    x = torch.randn(b, L, H, P, device=dev, dtype=bf)
+    dt = torch.randn(b, L, H, device=dev, dtype=bf) * 0.5
+    A = -torch.rand(H, device=dev) - 0.1
+    B = torch.randn(b, L, G, N, device=dev, dtype=bf)
+    C = torch.randn(b, L, G, N, device=dev, dtype=bf)
+    D = torch.randn(H, device=dev)
+    dtb = torch.randn(H, device=dev) * 0.5
+    dy = torch.randn_like(x)
+    common = (dtb, None, None, True, 0.0, float("inf"))
+    _, _, _, states = k._scan_fwd(
+        x, dt, A, B, C, D, None, *common, write_y=False, write_ypre=False, store_states=True
+    )
+    dstates, _ = k._dstates(dy, None, None, dt, A, C, dtb, None, True, 0.0, float("inf"), H, P)
+    inf = float("inf")
+    fwd = dict(write_y=True, write_ypre=False, store_states=False)
+    rec = dict(write_y=False, write_ypre=False, store_states=True, chunk=k.KERNEL_CHUNK)
+    bwd_args = (x, dy, None, None, dt, A, B, C, D, dtb, None, states, dstates, True, 0.0, inf)
+    sweeps = {
+        "fwd y": (
+            lambda **c: k._scan_fwd(x, dt, A, B, C, D, None, *common, **fwd, **c),
+            [dict(chunk=q, num_warps=w, num_stages=s) for q in (64, 128) for w in (4, 8)
+             for s in (1, 2, 3)],
+        ),
+        "bwd states": (
+            lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
+            [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+        ),
+        "dstates": (
+            lambda **c: k._dstates(dy, None, None, dt, A, C, dtb, None, True, 0.0, inf, H, P, **c),
+            [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+        ),
+        "dx": (
+            lambda **c: k._chunk_bwd(*bwd_args, **c),
+            [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
+        ),
+        "dB dC (+dx)": (
+            lambda **c: k._chunk_bwd(*bwd_args, **c),
+            [dict(dbc_block_n=n, dbc_warps=w, dbc_stages=s, dbc_min_programs=m)
+             for n in (32, 64) for w in (4, 8) for s in (1, 2) for m in (528, 2112)],
+        ),
+    }  # fmt: skip
+    print(f"shape B{b} L{L} H{H} P{P} G{G} N{N}  (ms, do_bench median)")
+    for name, (fn, configs) in sweeps.items():
+        results = []
+        for cfg in configs:
+            try:
+                ms = do_bench(lambda c=cfg, f=fn: f(**c), rep=50, return_mode="median")
+                results.append((ms, cfg))
+            except Exception as err:  # a configuration that does not compile (resources)
+                print(f"  {name} {cfg}: failed ({type(err).__name__}: {str(err)[:80]})")
+        results.sort(key=lambda r: r[0])
+        print(f"{name}: " + " | ".join(f"{ms:.3f} {cfg}" for ms, cfg in results[:4]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
