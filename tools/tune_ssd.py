@@ -20,6 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from hybrid_kernels import ssd_triton as k  # noqa: E402
 
 
+def report_resources(kernel) -> None:
+    """Registers, spills and shared memory of each compiled variant of a Triton kernel."""
+    caches = getattr(kernel, "device_caches", None) or {}
+    for entry in caches.values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        for compiled in list(cache.values())[:12]:
+            meta = getattr(compiled, "metadata", None)
+            print(
+                f"  {kernel.fn.__name__}: regs {getattr(compiled, 'n_regs', '?')} spills "
+                f"{getattr(compiled, 'n_spills', '?')} smem {getattr(meta, 'shared', '?')} "
+                f"warps {getattr(meta, 'num_warps', '?')} stages {getattr(meta, 'num_stages', '?')}"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4,4096,64,64,1,128", help="B,L,H,P,G,N")
@@ -36,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     dy = torch.randn_like(x)
     common = (dtb, None, None, True, 0.0, float("inf"))
     _, _, _, states = k._scan_fwd(
-        x, dt, A, B, C, D, None, *common, write_y=False, write_ypre=False, store_states=True
-    )
+        x, dt, A, B, C, D, None, *common, write_y=False, write_ypre=False, store_states=True,
+        chunk=k.KERNEL_CHUNK,
+    )  # fmt: skip
     dstates, _ = k._dstates(dy, None, None, dt, A, C, dtb, None, True, 0.0, float("inf"), H, P)
     inf = float("inf")
     fwd = dict(write_y=True, write_ypre=False, store_states=False)
@@ -46,25 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = {
         "fwd y": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, D, None, *common, **fwd, **c),
-            [dict(chunk=q, num_warps=w, num_stages=s) for q in (64, 128) for w in (4, 8)
-             for s in (1, 2, 3)],
+            [dict(block_p=p, num_warps=w, num_stages=s) for p in (16, 32, 64) for w in (4, 8)
+             for s in (1, 2)],
         ),
         "bwd states": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
-            [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+            [dict(block_p=p, num_warps=w, num_stages=s) for p in (32, 64) for w in (4, 8)
+             for s in (2, 3)],
         ),
         "dstates": (
             lambda **c: k._dstates(dy, None, None, dt, A, C, dtb, None, True, 0.0, inf, H, P, **c),
             [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
         ),
         "dx": (
-            lambda **c: k._chunk_bwd(*bwd_args, **c),
-            [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
+            lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
+            [dict(dx_block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (4, 8)
+             for s in (1, 2)],
         ),
-        "dB dC (+dx)": (
-            lambda **c: k._chunk_bwd(*bwd_args, **c),
+        "dB dC": (
+            lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),
             [dict(dbc_block_n=n, dbc_warps=w, dbc_stages=s, dbc_min_programs=m)
-             for n in (32, 64) for w in (4, 8) for s in (1, 2) for m in (528, 2112)],
+             for n in (32, 64, 128) for w in (4, 8) for s in (1, 2) for m in (264, 1056)],
         ),
     }  # fmt: skip
     print(f"shape B{b} L{L} H{H} P{P} G{G} N{N}  (ms, do_bench median)")
@@ -77,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # a configuration that does not compile (resources)
                 print(f"  {name} {cfg}: failed ({type(err).__name__}: {str(err)[:80]})")
         results.sort(key=lambda r: r[0])
-        print(f"{name}: " + " | ".join(f"{ms:.3f} {cfg}" for ms, cfg in results[:4]))
+        print(f"{name}: " + " | ".join(f"{ms:.3f} {cfg}" for ms, cfg in results[:3]))
+    for kernel in (k._ssd_scan_fwd_kernel, k._ssd_dstate_bwd_kernel, k._ssd_dx_bwd_kernel,
+                   k._ssd_dbc_bwd_kernel):  # fmt: skip
+        report_resources(kernel)
     return 0
 
 

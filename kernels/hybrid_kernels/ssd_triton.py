@@ -28,6 +28,7 @@ C chunks, Q positions of a chunk (rows), S positions of a chunk (columns).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -39,7 +40,7 @@ from torch import Tensor
 from hybrid_kernels.ssd_ref import _check_shapes
 
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
-FWD_CHUNK = 128  # chunk of the forward scan
+FWD_CHUNK = 64  # chunk of the forward scan
 DEFAULT_DT_LIMIT = (0.0, math.inf)
 
 
@@ -294,10 +295,11 @@ def _ssd_dx_bwd_kernel(
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (b * C + c, h): dx, dz, ddt (raw dt) of chunk c and head h, and the partial
-    sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are `_ssd_dbc_bwd_kernel`'s."""
+    sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are `_ssd_dbc_bwd_kernel`'s.
+    Contractions over N run in blocks of BNK to keep the tiles small."""
     pid_bc = tl.program_id(0)
     h = tl.program_id(1)
     b = pid_bc // nchunks
@@ -305,34 +307,41 @@ def _ssd_dx_bwd_kernel(
     g = h // R
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
-    mask_pn = mask_p[:, None] & (offs_n < N)[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
     pos, valid, dt, dgrad = _load_chunk_dt(
         dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
     )
+    row_mask = valid[:, None] & mask_p[None, :]
+    # N contractions: CB = C B^T, sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>.
+    CB = tl.zeros((Q, Q), dtype=tl.float32)
+    sB = tl.zeros((Q, BP), dtype=tl.float32)
+    CH = tl.zeros((Q, BP), dtype=tl.float32)
+    hs = tl.zeros((BP,), dtype=tl.float32)
+    for n0 in range(0, N, BNK):
+        offs_n = n0 + tl.arange(0, BNK)
+        mask_n = offs_n < N
+        bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+        Bm = tl.load(B_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
+        Cm = tl.load(C_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
+        st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
+        Hprev = tl.load(states_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        dS = tl.load(dstates_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+        sB += tl.dot(Bm, tl.trans(dS.to(Bm.dtype)), input_precision=PREC)
+        CH += tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
+        hs += tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32), axis=1)
     cs = tl.cumsum(dt * A, axis=0)
     cl = _last(cs, offs_q, Q)
     E, gS, scale, carry = _chunk_decays(seq_ptr, b, c, pos, L, cs, cl, offs_q, Q, HAS_SEQ)
-    row_mask = valid[:, None] & mask_p[None, :]
-    bc_mask = valid[:, None] & (offs_n < N)[None, :]
-    bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
-    Bm = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0)
-    Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
     x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
     o_off = _o_off(b, pos, h, offs_p, L, H, P)
     z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
     xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
     dy = _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z, True)
-    st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
-    Hprev = tl.load(states_ptr + st_off, mask=mask_pn, other=0.0)
-    dS = tl.load(dstates_ptr + st_off, mask=mask_pn, other=0.0)
     xf = xm.to(tl.float32)
     dyc = dy.to(xm.dtype)
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
     # dx = dt * (intra + state terms) + D dy; ddt's explicit part is x . (those terms).
-    sB = tl.dot(Bm, tl.trans(dS.to(Bm.dtype)), input_precision=PREC)
     gx = tl.dot(tl.trans((CB * E).to(xm.dtype)), dyc, input_precision=PREC)
     gx += gS[:, None] * sB
     dx = dt[:, None] * gx
@@ -347,11 +356,10 @@ def _ssd_dx_bwd_kernel(
     # dcs: the derivative with respect to the in-chunk cumsum of dt * A.
     W = tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :] * CB
     dcs = tl.sum(W, axis=1) - tl.sum(W, axis=0)
-    CH = tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
     dcs += scale * tl.sum(dy * CH, axis=1)
     U = gS * dt * tl.sum(xf * sB, axis=1)
     dcs -= U
-    at_end = tl.sum(U, axis=0) + carry * tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32))
+    at_end = tl.sum(U, axis=0) + carry * tl.sum(hs, axis=0)
     dcs += tl.where(offs_q == Q - 1, at_end, 0.0)
     da = tl.cumsum(dcs, axis=0, reverse=True)
     ddt = (tl.sum(xf * gx, axis=1) + A * da) * dgrad
@@ -447,12 +455,22 @@ class _Null:
         return None
 
 
-def _fwd_p_block(batch: int, H: int, BP_full: int) -> int:
-    """Split P until there are enough programs to fill a GPU (each P block recomputes C B^T)."""
-    BP = BP_full
-    while BP > 16 and batch * H * (BP_full // BP) < 264:
-        BP //= 2
-    return BP
+def _fwd_p_block(batch: int, H: int, BP_full: int, device: torch.device) -> int:
+    """Block of P for the chunk-walking kernels: the smallest whose programs (batch x heads x
+    P blocks) fit in one wave of two programs per SM, else the whole of P. Smaller blocks add
+    parallelism for few sequences but recompute C B^T once per block."""
+    slots = 2 * _sm_count(device)
+    BP = 16
+    while BP_full > BP and batch * H * triton.cdiv(BP_full, BP) > slots:
+        BP *= 2
+    return min(BP, BP_full)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any value gives the same results
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
@@ -475,7 +493,7 @@ def _flags(D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softpl
 
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
               *, write_y: bool, write_ypre: bool, store_states: bool, chunk: int = FWD_CHUNK,
-              num_warps: int = 8, num_stages: int = 2):  # fmt: skip
+              block_p: int | None = None, num_warps: int = 4, num_stages: int = 1):  # fmt: skip
     """Launch `_ssd_scan_fwd_kernel`. Returns (y, ypre, final (B, H, P, N) fp32, states
     (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`)."""
     batch, L, H, P = x.shape
@@ -483,7 +501,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
     Q = chunk
     nchunks = triton.cdiv(L, Q)
     BPfull, BN = _blocks(P, N)
-    BP = _fwd_p_block(batch, H, BPfull)
+    BP = block_p or _fwd_p_block(batch, H, BPfull, x.device)
     y = torch.empty(batch, L, H, P, device=x.device, dtype=x.dtype) if write_y else None
     ypre = torch.empty_like(y) if write_ypre else None
     final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
@@ -516,7 +534,7 @@ def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_
     Q = KERNEL_CHUNK
     nchunks = triton.cdiv(L, Q)
     BPfull, BN = _blocks(P, N)
-    BP = _fwd_p_block(batch, H, BPfull)
+    BP = _fwd_p_block(batch, H, BPfull, dy.device)
     dstates = torch.empty(batch, nchunks, H, P, N, device=dy.device, dtype=C.dtype)
     dinit = torch.empty(batch, H, P, N, device=dy.device, dtype=torch.float32)
     grid = (triton.cdiv(P, BP), batch * H)
@@ -543,9 +561,10 @@ def _heads_per_split(programs: int, R: int, min_programs: int) -> int:
 
 
 def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
-               dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 2,
-               dbc_block_n: int = 32, dbc_warps: int = 4, dbc_stages: int = 2,
-               dbc_min_programs: int = 1056):  # fmt: skip
+               dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 1,
+               dx_block_n: int = 64, dbc_block_n: int = 64, dbc_warps: int = 4,
+               dbc_stages: int = 2, dbc_min_programs: int = 264, run_dx: bool = True,
+               run_dbc: bool = True):  # fmt: skip
     """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
@@ -571,20 +590,22 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     dB = torch.empty(splits, batch, L, G, N, **f32)
     dC = torch.empty(splits, batch, L, G, N, **f32)
     with _device_ctx(x):
-        _ssd_dx_bwd_kernel[(batch * nchunks, H)](
-            x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
-            dx, dz, ddt, dA, dD, L, H, P, N, R, nchunks, dt_min, dt_max, *strides,
-            Q=Q, BP=BP, BN=BN, PREC=_prec(x.dtype), **flags,
-            num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
-        _ssd_dbc_bwd_kernel[(splits, batch * nchunks, G * n_blocks)](
-            x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC,
-            L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
-            HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
-            CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"],
-            Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype),
-            num_warps=dbc_warps, num_stages=dbc_stages,
-        )  # fmt: skip
+        if run_dx:  # (the run_* switches let tools/tune_ssd.py time one kernel alone)
+            _ssd_dx_bwd_kernel[(batch * nchunks, H)](
+                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
+                dx, dz, ddt, dA, dD, L, H, P, N, R, nchunks, dt_min, dt_max, *strides,
+                Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
+                num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
+        if run_dbc:
+            _ssd_dbc_bwd_kernel[(splits, batch * nchunks, G * n_blocks)](
+                x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC,
+                L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
+                HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
+                CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"],
+                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype),
+                num_warps=dbc_warps, num_stages=dbc_stages,
+            )  # fmt: skip
     dD_sum = None
     if D is not None:
         dD_sum = dD.sum(0)
@@ -633,7 +654,7 @@ def _ssd_bwd_op(
     _, _, _, states = _scan_fwd(
         x, dt, A, B, C, None, None, dt_bias, initial_states, seq_idx, dt_softplus, dt_min,
         dt_max, write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,
-        num_warps=4,
+        num_warps=8, num_stages=3,
     )  # fmt: skip
     dstates, dinit = _dstates(
         dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P
