@@ -37,6 +37,7 @@ def report_resources(kernel) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4,4096,64,64,1,128", help="B,L,H,P,G,N")
+    parser.add_argument("--only", help="comma-separated kernel names to sweep (default: all)")
     args = parser.parse_args(argv)
     b, L, H, P, G, N = (int(v) for v in args.shape.split(","))
     dev, bf = "cuda", torch.bfloat16
@@ -66,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "bwd states": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
-            [dict(block_p=p, num_warps=w, num_stages=s) for p in (32, 64) for w in (4, 8)
+            [dict(block_p=p, num_warps=w, num_stages=s) for p in (16, 32, 64) for w in (4, 8)
              for s in (2, 3)],
         ),
         "dstates": (
             lambda **c: k._dstates(dy, None, None, dt, A, C, dtb, None, True, 0.0, inf, H, P, **c),
-            [dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+            [dict(block_p=p, num_warps=w, num_stages=s) for p in (16, 32, 64) for w in (4, 8)
+             for s in (2, 3)],
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(f"shape B{b} L{L} H{H} P{P} G{G} N{N}  (ms, do_bench median)")
     for name, (fn, configs) in sweeps.items():
+        if args.only and name not in args.only.split(","):
+            continue
         results = []
         for cfg in configs:
             try:

@@ -527,14 +527,14 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
 
 
 def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P,
-             *, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
+             *, block_p: int | None = None, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
     """Launch `_ssd_dstate_bwd_kernel`. Returns (dstates (B, C, H, P, N), dinit fp32)."""
     batch, L = dt.shape[:2]
     G, N = C.shape[2:]
     Q = KERNEL_CHUNK
     nchunks = triton.cdiv(L, Q)
     BPfull, BN = _blocks(P, N)
-    BP = _fwd_p_block(batch, H, BPfull, dy.device)
+    BP = block_p or _fwd_p_block(batch, H, BPfull, dy.device)
     dstates = torch.empty(batch, nchunks, H, P, N, device=dy.device, dtype=C.dtype)
     dinit = torch.empty(batch, H, P, N, device=dy.device, dtype=torch.float32)
     grid = (triton.cdiv(P, BP), batch * H)
