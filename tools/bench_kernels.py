@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--reps", type=int, default=200, help="do_bench time budget per case (ms)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--shape", action="append", help="B,L,H,P,G,N to time instead of the default shapes"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mamba_ssm: {'found' if mamba else 'not importable, timing ours only'}")
     impls = implementations(mamba, not args.no_reference)
     rows = []
-    for shape in TINY if args.tiny else SHAPES:
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else SHAPES
+    for shape in TINY if args.tiny else shapes:
         rows += run_shape(shape, impls, device, 5 if args.tiny else args.reps)
         torch.cuda.empty_cache() if device == "cuda" else None
     print_table(rows)

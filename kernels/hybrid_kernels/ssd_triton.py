@@ -104,18 +104,24 @@ def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
 @triton.jit
 def _ssd_scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, init_ptr, seq_ptr,
-    y_ptr, ypre_ptr, final_ptr, states_ptr,
-    L, H, P, N, R, nchunks, dt_min, dt_max,
+    y_ptr, ypre_ptr, final_ptr, states_ptr, decay_ptr,
+    L, H, P, N, R, nchunks, seg_chunks, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_YPRE: tl.constexpr, STORE_STATES: tl.constexpr,
-    WRITE_FINAL: tl.constexpr,
+    WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Program (P block, b * H + h): walk the chunks, carrying the state in registers."""
+    """Program (P block, b * H + h, segment): walk the segment's chunks, carrying the state in
+    registers. Segments of `seg_chunks` chunks let several programs walk one sequence: the
+    initial and final states are then per segment (B, S, H, P, N), and WRITE_DECAY stores the
+    factor (B, S, H) by which the segment scales the state entering it."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    seg = tl.program_id(2)
+    c_start = seg * seg_chunks
+    c_end = tl.minimum(c_start + seg_chunks, nchunks)
     b = pid_bh // H
     h = pid_bh % H
     g = h // R
@@ -126,20 +132,22 @@ def _ssd_scan_fwd_kernel(
     mask_n = offs_n < N
     mask_pn = mask_p[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
-    fin_off = ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    n_seg = tl.num_programs(2)
+    fin_off = (((b * n_seg + seg) * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
     if HAS_INIT:
         state = tl.load(init_ptr + fin_off, mask=mask_pn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
-        prev_doc = tl.load(seq_ptr + b * L)
+        prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c_start * Q - 1, 0))
     if HAS_D:
         if D_PER_P:
             Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
         else:
             Dv = tl.load(D_ptr + h).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
-    for c in range(nchunks):
+    decay = 1.0
+    for c in range(c_start, c_end):
         pos, valid, dt, _ = _load_chunk_dt(
             dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
         )
@@ -189,8 +197,12 @@ def _ssd_scan_fwd_kernel(
             carry = tl.where(seq_last == prev_doc, carry, 0.0)
             prev_doc = seq_last
         state = state * carry + chunk_state
+        decay = decay * carry
     if WRITE_FINAL:
         tl.store(final_ptr + fin_off, state, mask=mask_pn)
+    if WRITE_DECAY:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if pid_p == 0:
+            tl.store(decay_ptr + (b * n_seg + seg) * H + h, decay)
 
 
 @triton.jit
@@ -493,37 +505,91 @@ def _flags(D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softpl
 
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
               *, write_y: bool, write_ypre: bool, store_states: bool, chunk: int = FWD_CHUNK,
-              block_p: int | None = None, num_warps: int = 4, num_stages: int = 1):  # fmt: skip
+              block_p: int | None = None, segments: int | None = None, num_warps: int = 4,
+              num_stages: int = 1):  # fmt: skip
     """Launch `_ssd_scan_fwd_kernel`. Returns (y, ypre, final (B, H, P, N) fp32, states
-    (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`)."""
+    (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`).
+
+    With few sequences x heads, the sequence is cut into segments walked in parallel (a
+    two-level scan): a first launch gives each segment's end state from a zero start and its
+    decay, a short loop here chains them into every segment's true start state, and a second
+    launch walks the segments again from those starts.
+    """
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
-    Q = chunk
-    nchunks = triton.cdiv(L, Q)
+    nchunks = triton.cdiv(L, chunk)
     BPfull, BN = _blocks(P, N)
-    BP = block_p or _fwd_p_block(batch, H, BPfull, x.device)
+    S = segments or _segments(batch, H, nchunks, x.device)
+    BP = block_p or _fwd_p_block(batch * S, H, BPfull, x.device)
+    seg_chunks = triton.cdiv(nchunks, S)
+    S = triton.cdiv(nchunks, seg_chunks)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    launch = functools.partial(
+        _launch_scan, x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt_max,
+        chunk=chunk, BP=BP, BN=BN, seg_chunks=seg_chunks, S=S, num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    starts, final = init, None
+    if S > 1:
+        seg_final = torch.empty(batch, S, H, P, N, **f32)
+        decay = torch.empty(batch, S, H, **f32)
+        launch(None, final=seg_final, decay=decay)
+        starts, final = _chain_segments(init, seg_final, decay)
     y = torch.empty(batch, L, H, P, device=x.device, dtype=x.dtype) if write_y else None
     ypre = torch.empty_like(y) if write_ypre else None
-    final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     states = None
     if store_states:
         states = torch.empty(batch, nchunks, H, P, N, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(P, BP), batch * H)
+    if final is None:
+        final = torch.empty(batch, H, P, N, **f32)
+        launch(starts, y=y, ypre=ypre, states=states, final=final)
+    else:
+        launch(starts, y=y, ypre=ypre, states=states)
+    return y, ypre, final, states
+
+
+def _chain_segments(init, seg_final, decay):
+    """Segment start states (B, S, H, P, N) and the final state, from each segment's end state
+    from a zero start and its decay: start[s + 1] = decay[s] * start[s] + end[s]."""
+    batch, S, H, P, N = seg_final.shape
+    start = init.float() if init is not None else seg_final.new_zeros(batch, H, P, N)
+    starts = []
+    for s in range(S):
+        starts.append(start)
+        start = decay[:, s, :, None, None] * start + seg_final[:, s]
+    return torch.stack(starts, dim=1), start
+
+
+def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, init,
+                 *, chunk, BP, BN, seg_chunks, S, num_warps, num_stages, y=None, ypre=None,
+                 states=None, final=None, decay=None):  # fmt: skip
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    grid = (triton.cdiv(P, BP), batch * H, S)
     with _device_ctx(x):
         _ssd_scan_fwd_kernel[grid](
-            x, dt, A, B, C, D, z, dt_bias, init, seq_idx,
-            y, ypre, final, states,
-            L, H, P, N, H // G, nchunks, dt_min, dt_max,
+            x, dt, A, B, C, D, z, dt_bias, init, seq_idx, y, ypre, final, states, decay,
+            L, H, P, N, H // G, triton.cdiv(L, chunk), seg_chunks, dt_min, dt_max,
             x.stride(0), x.stride(1), x.stride(2),
             B.stride(0), B.stride(1), B.stride(2),
             *(z.stride()[:3] if z is not None else (0, 0, 0)),
-            HAS_INIT=init is not None, WRITE_Y=write_y, WRITE_YPRE=write_ypre,
-            STORE_STATES=store_states, WRITE_FINAL=True,
-            Q=Q, BP=BP, BN=BN, PREC=_prec(x.dtype),
+            HAS_INIT=init is not None, WRITE_Y=y is not None, WRITE_YPRE=ypre is not None,
+            STORE_STATES=states is not None, WRITE_FINAL=final is not None,
+            WRITE_DECAY=decay is not None,
+            Q=chunk, BP=BP, BN=BN, PREC=_prec(x.dtype),
             **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-    return y, ypre, final, states
+
+
+def _segments(batch: int, H: int, nchunks: int, device: torch.device) -> int:
+    """Segments per sequence for the chunk walk: enough walks to fill two programs per SM, at
+    most 8, each at least 16 chunks long."""
+    slots = 2 * _sm_count(device)
+    S = 1
+    while S < 8 and batch * H * S * 2 <= slots and nchunks // (S * 2) >= 16:
+        S *= 2
+    return S
 
 
 def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P,
