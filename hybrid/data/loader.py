@@ -33,22 +33,39 @@ Batch = dict[str, torch.Tensor]
 
 
 def pack_span(span: DocSpan, seq_len: int, eod_id: int, vocab_size: int) -> PackedDataset:
-    """The packed samples of a document span, after checking its documents end with EOD."""
+    """The packed samples of a document span, after checking its documents end with EOD (and,
+    for generated examples, that whole examples fill each row)."""
+    if span.example_len is not None and seq_len % span.example_len:
+        raise ConfigError(
+            f"{span.name}: its examples are {span.example_len} tokens long, which must divide "
+            f"train.seq_len ({seq_len}) so that no example is cut between rows"
+        )
     start, end = span.token_range()
     offsets = span.dataset.document_offsets[span.start : span.end + 1]
     check_eod_terminated(span.dataset.tokens, offsets, eod_id, vocab_size, span.name)
-    return PackedDataset(span.dataset.tokens, seq_len, start=start, end=end, name=span.name)
+    mask = span.loss_mask.tokens if span.loss_mask is not None else None
+    return PackedDataset(
+        span.dataset.tokens, seq_len, start=start, end=end, name=span.name, loss_mask=mask
+    )
 
 
 def _to_torch(batch: dict[str, np.ndarray]) -> Batch:
     return {k: torch.from_numpy(v) for k, v in batch.items()}
 
 
-def _gather(datasets: Sequence[PackedDataset], source: np.ndarray, index: np.ndarray) -> np.ndarray:
+def _gather(
+    datasets: Sequence[PackedDataset], source: np.ndarray, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows [n, L+1] of samples (source, index), and their loss masks (None when no dataset
+    has one)."""
     rows = np.empty((len(source), datasets[0].seq_len + 1), dtype=np.int64)
+    masked = any(datasets[s].mask_stream is not None for s in set(source.tolist()))
+    masks = np.empty(rows.shape, dtype=np.uint8) if masked else None
     for j, (s, i) in enumerate(zip(source.tolist(), index.tolist())):
         rows[j] = datasets[s].row(i)
-    return rows
+        if masks is not None:
+            masks[j] = datasets[s].mask_row(i)
+    return rows, masks
 
 
 class SampleOrder:
@@ -144,8 +161,8 @@ class TrainDataLoader:
     def batch_at(self, consumed_samples: int) -> Batch:
         """This rank's batch of the global step that starts at `consumed_samples`."""
         source, index = self.order(self.rank_samples(consumed_samples))
-        rows = _gather(self.datasets, source, index)
-        return _to_torch(make_batch(rows, self.eod_id, self.cfg.eod_mask_loss))
+        rows, masks = _gather(self.datasets, source, index)
+        return _to_torch(make_batch(rows, self.eod_id, self.cfg.eod_mask_loss, masks))
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -201,8 +218,8 @@ class ValidationBatches(Sequence):
         lo = self.rank * self.micro_batch_size
         flat = self.samples[b, lo : lo + self.micro_batch_size]
         source = np.searchsorted(self._offsets, flat, side="right") - 1
-        rows = _gather(self.datasets, source, flat - self._offsets[source])
-        return _to_torch(make_batch(rows, self.eod_id, self.eod_mask_loss))
+        rows, masks = _gather(self.datasets, source, flat - self._offsets[source])
+        return _to_torch(make_batch(rows, self.eod_id, self.eod_mask_loss, masks))
 
 
 def build_validation_batches(

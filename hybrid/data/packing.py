@@ -7,7 +7,9 @@ token, so every token after the first is a label exactly once and documents may 
 
 A batch is (B = micro batch, L = seq_len):
     input_ids  int64 [B, L]  row[:, :-1]
-    labels     int64 [B, L]  row[:, 1:]; with `eod_mask_loss`, -100 where input_ids is EOD
+    labels     int64 [B, L]  row[:, 1:]; with `eod_mask_loss`, -100 where input_ids is EOD;
+                             with a loss mask (generated sources), -100 where the target
+                             token's mask is 0
     seq_idx    int32 [B, L]  document index within the row: 0 at the start, +1 at the first
                              token after each EOD (the model resets attention and Mamba state
                              there)
@@ -37,11 +39,15 @@ class PackedDataset:
         start: int = 0,
         end: int | None = None,
         name: str = "",
+        loss_mask: np.ndarray | None = None,
     ):
         if seq_len < 1:
             raise ValueError("seq_len must be positive")
         end = len(tokens) if end is None else end
         self.stream = tokens[start:end]
+        self.mask_stream = None if loss_mask is None else loss_mask[start:end]
+        if self.mask_stream is not None and len(self.mask_stream) != len(self.stream):
+            raise ValueError(f"{name}: the loss mask does not match the tokens")
         self.seq_len = seq_len
         self.name = name
         self.num_samples = max(0, (len(self.stream) - 1) // seq_len)
@@ -56,6 +62,15 @@ class PackedDataset:
         start = i * self.seq_len
         return self.stream[start : start + self.seq_len + 1]
 
+    def mask_row(self, i: int) -> np.ndarray:
+        """Loss mask of sample i: [seq_len + 1], 1 where a token is to be predicted (all ones
+        without a mask)."""
+        if self.mask_stream is None:
+            return np.ones(self.seq_len + 1, dtype=np.uint8)
+        self.row(i)  # bounds check
+        start = i * self.seq_len
+        return self.mask_stream[start : start + self.seq_len + 1]
+
     def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Samples `indices` stacked: int64 [len(indices), seq_len + 1]."""
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
@@ -64,11 +79,19 @@ class PackedDataset:
         return out
 
 
-def make_batch(rows: np.ndarray, eod_id: int, eod_mask_loss: bool = False) -> dict[str, np.ndarray]:
-    """`rows` int [B, L+1] -> {"input_ids", "labels", "seq_idx"} numpy arrays of [B, L]."""
+def make_batch(
+    rows: np.ndarray,
+    eod_id: int,
+    eod_mask_loss: bool = False,
+    loss_mask: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """`rows` int [B, L+1] -> {"input_ids", "labels", "seq_idx"} numpy arrays of [B, L].
+    `loss_mask` [B, L+1]: 0 where a token of `rows` is not to be predicted (no label)."""
     rows = np.asarray(rows, dtype=np.int64)
     input_ids = rows[:, :-1]
     labels = rows[:, 1:].copy()
+    if loss_mask is not None:
+        labels[np.asarray(loss_mask)[:, 1:] == 0] = IGNORE_INDEX
     is_eod = input_ids == eod_id
     seq_idx = np.zeros(input_ids.shape, dtype=np.int32)
     np.cumsum(is_eod[:, :-1], axis=1, dtype=np.int32, out=seq_idx[:, 1:])

@@ -5,13 +5,17 @@
 - `hf`: local .json/.jsonl/.parquet/.txt files read with `datasets.load_dataset`, or a hub
   dataset name (network needed).
 - `indexed`: an existing Megatron-format `PREFIX.bin/.idx`, used as is.
+- `mqar`, `passkey`: generated recall examples (`hybrid.data.synthetic`), each exactly the
+  configured length, stored with a loss mask (`PREFIX.bin/.idx` of uint8, 1 on answer tokens).
 
-`stdlib` and `hf` sources are tokenised once into an indexed dataset under the cache directory,
-keyed by everything that decides the tokens (files and their sizes/mtimes, tokenizer, ...).
+`stdlib`, `hf` and generated sources are tokenised once into an indexed dataset under the cache
+directory, keyed by everything that decides the tokens (files and their sizes/mtimes, tokenizer,
+generator settings, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -23,11 +27,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from hybrid.data.cache import cache_key, cached_entry
-from hybrid.data.indexed import IndexedDataset
+from hybrid.data.indexed import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
 from hybrid.data.prepare import TokenizePool
+from hybrid.data.synthetic import generate_examples
 from hybrid.data.tokenizer import Tokenizer, build_tokenizer
-from hybrid.recipe.data_config import DataConfig, DataSourceConfig
+from hybrid.recipe.data_config import SYNTHETIC_SOURCES, DataConfig, DataSourceConfig
 from hybrid.recipe.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -228,17 +235,48 @@ def _hf_cache(src: DataSourceConfig, cfg: DataConfig, tokenizer: Tokenizer, prog
 
 
 # ---------------------------------------------------------------------------------------------
+# Generated recall examples
+
+
+def _synthetic_cache(src: DataSourceConfig, cfg: DataConfig, tokenizer: Tokenizer) -> Path:
+    settings = src.synthetic()
+    parts = {"kind": src.kind, "settings": dataclasses.asdict(settings)}
+    parts["tokenizer"] = tokenizer.identity
+
+    def build(tmp: Path) -> dict:
+        log.info("generating %d %s examples into the cache", settings.examples, src.describe())
+        examples = generate_examples(src.kind, settings, tokenizer, settings.examples)
+        lengths = np.full(len(examples), settings.seq_len, dtype=np.int64)
+        for name, array, dtype in (
+            ("data", examples.tokens, dtype_for_vocab(tokenizer.vocab_size)),
+            ("mask", examples.loss_mask, np.uint8),
+        ):
+            with IndexedDatasetWriter(tmp / name, dtype=dtype) as writer:
+                writer.add_documents(array.reshape(-1), lengths)
+                writer.finalize()
+        return {"source": src.describe(), "documents": len(examples)}
+
+    return cached_entry(
+        cfg.resolved_cache_dir(), src.describe().replace(":", "-"), cache_key(parts), build
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Sources as document spans of indexed datasets
 
 
 @dataclass(frozen=True)
 class DocSpan:
-    """Documents `start:end` of an indexed dataset."""
+    """Documents `start:end` of an indexed dataset. `loss_mask`: an indexed dataset of the same
+    documents, 1 where a token is to be predicted (generated sources; None: every token);
+    `example_len`: every document has this length and must not be cut between rows."""
 
     dataset: IndexedDataset
     start: int
     end: int
     name: str
+    loss_mask: IndexedDataset | None = None
+    example_len: int | None = None
 
     @property
     def num_documents(self) -> int:
@@ -257,13 +295,15 @@ class SourceData:
     valid: DocSpan | None
 
 
-def _tail_split(ds: IndexedDataset, fraction: float, name: str) -> tuple[DocSpan, DocSpan | None]:
+def _tail_split(
+    ds: IndexedDataset, fraction: float, name: str, **extra
+) -> tuple[DocSpan, DocSpan | None]:
     n = ds.num_documents
     n_valid = round(n * fraction)
     if fraction > 0 and n >= 2:
         n_valid = min(max(n_valid, 1), n - 1)
-    train = DocSpan(ds, 0, n - n_valid, name)
-    return train, (DocSpan(ds, n - n_valid, n, name) if n_valid else None)
+    train = DocSpan(ds, 0, n - n_valid, name, **extra)
+    return train, (DocSpan(ds, n - n_valid, n, name, **extra) if n_valid else None)
 
 
 def load_source(
@@ -288,6 +328,13 @@ def load_source(
         return SourceData(
             name, src.weight, DocSpan(train, 0, train.num_documents, name), valid_span
         )
+    if src.kind in SYNTHETIC_SOURCES:
+        entry = _synthetic_cache(src, cfg, tokenizer)
+        mask, example_len = IndexedDataset(entry / "mask"), src.synthetic().seq_len
+        train_span, valid_span = _tail_split(
+            IndexedDataset(entry / "data"), fraction, name, loss_mask=mask, example_len=example_len
+        )
+        return SourceData(name, src.weight, train_span, valid_span)
     if src.kind == "hf":
         dataset = IndexedDataset(_hf_cache(src, cfg, tokenizer, progress) / "data")
     else:

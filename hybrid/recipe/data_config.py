@@ -24,7 +24,7 @@ from typing import Literal
 
 from hybrid.recipe.schema import check
 
-SourceKind = Literal["hf", "indexed", "stdlib"]
+SourceKind = Literal["hf", "indexed", "stdlib", "mqar", "passkey"]
 TokenizerKind = Literal["byte", "hf"]
 TextSampleBy = Literal["document", "paragraph", "line"]
 
@@ -48,6 +48,73 @@ class TokenizerConfig:
 
 
 @dataclass(kw_only=True)
+class MQARConfig:
+    """Multi-query associative recall (Arora et al. 2023, "Zoology"), generated: each example is
+    `seq_len` tokens (end-of-document included): `num_pairs` key-value pairs, then
+    `num_queries` of those keys again, at random places among filler tokens, each followed by its
+    value. Only those values carry a loss. Ids: keys `first_id + [0, key_vocab)`, values the
+    next `value_vocab` ids, then one filler id. `examples` examples (of which the source's
+    validation share is held out), drawn from `seed`."""
+
+    seq_len: int = 128
+    num_pairs: int = 8
+    num_queries: int | None = None
+    key_vocab: int = 64
+    value_vocab: int = 64
+    first_id: int = 0
+    examples: int = 20000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # messages name the key: a nested section's errors reach the user without their key path
+        for key in ("seq_len", "num_pairs", "key_vocab", "value_vocab", "examples"):
+            check(getattr(self, key) > 0, key, f"{key} must be positive")
+        check(self.first_id >= 0, "first_id", "first_id must be >= 0")
+        check(self.num_pairs <= self.key_vocab, "num_pairs", "num_pairs must be <= key_vocab")
+        queries = self.queries
+        check(0 < queries <= self.num_pairs, "num_queries", "num_queries must be in [1, num_pairs]")
+        need = 2 * self.num_pairs + 2 * queries + 1
+        check(
+            self.seq_len >= need,
+            "seq_len",
+            f"seq_len {self.seq_len} is too short for {self.num_pairs} pairs and {queries} "
+            f"queries: it must be at least {need}",
+        )
+
+    @property
+    def queries(self) -> int:
+        return self.num_pairs if self.num_queries is None else self.num_queries
+
+    @property
+    def filler_id(self) -> int:
+        """The largest id used."""
+        return self.first_id + self.key_vocab + self.value_vocab
+
+
+@dataclass(kw_only=True)
+class PasskeyConfig:
+    """Passkey retrieval (Mohtashami & Jaggi 2023), generated as text and tokenised with the
+    recipe's tokenizer: filler sentences with "The pass key is NNNNN. Remember it." at a random
+    depth, then "What is the pass key? The pass key is" and the key; only the key carries a
+    loss. Each example is exactly `seq_len` tokens (filler is cut to fit); `digits` digits per
+    key; `examples` examples drawn from `seed`."""
+
+    seq_len: int = 256
+    digits: int = 5
+    examples: int = 5000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "digits", "examples"):
+            check(getattr(self, key) > 0, key, f"{key} must be positive")
+        check(self.digits <= 18, "digits", "digits must be at most 18")
+
+
+# Generated source kinds and the settings section each takes (`kind: mqar` reads `mqar: {...}`).
+SYNTHETIC_SOURCES: dict[str, type] = {"mqar": MQARConfig, "passkey": PasskeyConfig}
+
+
+@dataclass(kw_only=True)
 class DataSourceConfig:
     """One source of documents.
 
@@ -59,6 +126,9 @@ class DataSourceConfig:
       `sample_by` how a .txt file is cut into documents.
     - `indexed`: `path` is a Megatron-format prefix (`PREFIX.bin` + `PREFIX.idx`), made by
       `hybrid data prepare` or Megatron-LM's `preprocess_data.py --append-eod`.
+    - `mqar`, `passkey`: generated recall probes, set by the `mqar` / `passkey` section (see
+      `MQARConfig`, `PasskeyConfig`); the loss is on the answer tokens only, and the example
+      length must divide `train.seq_len`, so no example is cut between rows.
 
     `weight` is the blending weight relative to the other sources; `max_files` keeps only the
     first N files (sorted) of a stdlib or local hf source.
@@ -72,9 +142,22 @@ class DataSourceConfig:
     sample_by: TextSampleBy = "document"
     weight: float = 1.0
     max_files: int | None = None
+    mqar: MQARConfig | None = None
+    passkey: PasskeyConfig | None = None
 
     def __post_init__(self) -> None:
         check(0 < self.weight < float("inf"), "weight", "must be positive and finite")
+        for kind, settings in SYNTHETIC_SOURCES.items():
+            if self.kind == kind and getattr(self, kind) is None:
+                setattr(self, kind, settings())
+            check(
+                self.kind == kind or getattr(self, kind) is None,
+                kind,
+                f"only a source of kind {kind!r} takes these settings (this one is {self.kind!r})",
+            )
+        if self.kind in SYNTHETIC_SOURCES:
+            check(self.path is None, "path", "a generated source takes no path")
+            check(self.max_files is None, "max_files", "does not apply to a generated source")
         check(self.max_files is None or self.max_files > 0, "max_files", "must be positive")
         if self.kind in ("hf", "indexed"):
             check(bool(self.path), "path", f"a source of kind {self.kind!r} needs a path")
@@ -84,7 +167,14 @@ class DataSourceConfig:
 
     def describe(self) -> str:
         """A short human-readable name for logs and errors."""
+        if self.kind in SYNTHETIC_SOURCES:
+            return f"{self.kind}:L{self.synthetic().seq_len}"
         return f"{self.kind}:{self.path}" if self.path else self.kind
+
+    def synthetic(self) -> MQARConfig | PasskeyConfig:
+        """The settings of a generated source (`mqar` or `passkey`)."""
+        assert self.kind in SYNTHETIC_SOURCES, self.kind
+        return getattr(self, self.kind)
 
 
 def default_cache_dir() -> str:
@@ -135,8 +225,11 @@ class DataConfig:
 
 
 __all__ = [
+    "SYNTHETIC_SOURCES",
     "DataConfig",
     "DataSourceConfig",
+    "MQARConfig",
+    "PasskeyConfig",
     "TokenizerConfig",
     "default_cache_dir",
 ]
