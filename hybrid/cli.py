@@ -11,11 +11,11 @@ import logging
 import sys
 
 from hybrid import __version__
-from hybrid.commands import data, generate, inspect, train
+from hybrid.commands import convert, data, generate, inspect, train
 from hybrid.commands import eval as eval_cmd
 from hybrid.recipe.schema import ConfigError
 
-COMMANDS = (inspect, train, data, generate, eval_cmd)
+COMMANDS = (inspect, train, data, generate, eval_cmd, convert)
 
 EPILOG = """examples:
   hybrid inspect recipes/jamba-1to3-moe16.yaml
@@ -24,6 +24,7 @@ EPILOG = """examples:
   hybrid data prepare corpus.jsonl --output data/corpus --tokenizer byte --workers 4
   hybrid generate runs/hybrid-tiny --prompt "def main(" --max-new-tokens 100
   hybrid eval runs/hybrid-tiny --probes mqar,passkey --contexts 128,256,512
+  hybrid convert to-hf runs/hybrid-tiny hf/hybrid-tiny --dtype bf16 --verify
 """
 
 
