@@ -1,11 +1,14 @@
 """`causal_conv1d` and `causal_conv1d_step`: Mamba-2's depthwise causal conv1d, channels-last.
 
-Implementations: "torch" (`hybrid_kernels.conv1d_ref`, any device). See `hybrid.ops._registry`
-for how one is chosen.
+Implementations of `causal_conv1d`: "triton" (`hybrid_kernels.conv1d_triton`: CUDA, or CPU
+tensors under TRITON_INTERPRET=1; chosen automatically on CUDA) and "torch"
+(`hybrid_kernels.conv1d_ref`, any device). The decoding step stays in PyTorch. See
+`hybrid.ops._registry` for how one is chosen.
 """
 
 from __future__ import annotations
 
+from hybrid_kernels._triton_utils import auto_triton, supports_triton, triton_available
 from hybrid_kernels.conv1d_ref import causal_conv1d_ref, causal_conv1d_step_ref
 from torch import Tensor
 
@@ -13,6 +16,12 @@ from hybrid.ops._registry import define_op
 
 CAUSAL_CONV1D = define_op("causal_conv1d")
 CAUSAL_CONV1D.register("torch", causal_conv1d_ref)
+if triton_available():  # without triton only the PyTorch reference is registered
+    from hybrid_kernels.conv1d_triton import causal_conv1d_triton
+
+    CAUSAL_CONV1D.register(
+        "triton", causal_conv1d_triton, supports=supports_triton, auto=auto_triton, priority=10
+    )
 CAUSAL_CONV1D_STEP = define_op("causal_conv1d_step")
 CAUSAL_CONV1D_STEP.register("torch", causal_conv1d_step_ref)
 

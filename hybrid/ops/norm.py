@@ -1,11 +1,13 @@
 """`rmsnorm` and `gated_rmsnorm` (Mamba-2's grouped, gated RMSNorm).
 
-Implementations: "torch" (`hybrid_kernels.rmsnorm_ref`, any device). See `hybrid.ops._registry`
-for how one is chosen.
+Implementations of both: "triton" (`hybrid_kernels.rmsnorm_triton`: CUDA, or CPU tensors under
+TRITON_INTERPRET=1; chosen automatically on CUDA) and "torch" (`hybrid_kernels.rmsnorm_ref`, any
+device). See `hybrid.ops._registry` for how one is chosen.
 """
 
 from __future__ import annotations
 
+from hybrid_kernels._triton_utils import auto_triton, supports_triton, triton_available
 from hybrid_kernels.rmsnorm_ref import gated_rmsnorm_ref, rmsnorm_ref
 from torch import Tensor
 
@@ -15,6 +17,15 @@ RMSNORM = define_op("rmsnorm")
 RMSNORM.register("torch", rmsnorm_ref)
 GATED_RMSNORM = define_op("gated_rmsnorm")
 GATED_RMSNORM.register("torch", gated_rmsnorm_ref)
+if triton_available():  # without triton only the PyTorch references are registered
+    from hybrid_kernels.rmsnorm_triton import gated_rmsnorm_triton, rmsnorm_triton
+
+    RMSNORM.register(
+        "triton", rmsnorm_triton, supports=supports_triton, auto=auto_triton, priority=10
+    )
+    GATED_RMSNORM.register(
+        "triton", gated_rmsnorm_triton, supports=supports_triton, auto=auto_triton, priority=10
+    )
 
 
 def rmsnorm(

@@ -10,31 +10,20 @@ from __future__ import annotations
 import math
 
 import torch
+from hybrid_kernels._triton_utils import auto_triton, supports_triton, triton_available
 from hybrid_kernels.ssd_ref import ssd_chunked_ref, ssd_step_ref
 from torch import Tensor
 
 from hybrid.ops._registry import define_op
 
-try:
-    from hybrid_kernels.ssd_triton import interpreting, ssd_triton
-except ImportError:  # triton is not installed: only the PyTorch reference is registered
-    ssd_triton = None
-
-
-def _cuda(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
-def _cuda_or_interpreted(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
-
-
 SSD = define_op("ssd")
 # Inductor (torch 2.11, CUDA) fails to generate code for the reference's chunked cumulative sums,
 # so `torch.compile` leaves the reference eager; the Triton kernel is a custom op it traces.
 SSD.register("torch", torch.compiler.disable(ssd_chunked_ref))
-if ssd_triton is not None:
-    SSD.register("triton", ssd_triton, supports=_cuda_or_interpreted, auto=_cuda, priority=10)
+if triton_available():  # without triton only the PyTorch reference is registered
+    from hybrid_kernels.ssd_triton import ssd_triton
+
+    SSD.register("triton", ssd_triton, supports=supports_triton, auto=auto_triton, priority=10)
 SSD_STEP = define_op("ssd_step")
 SSD_STEP.register("torch", ssd_step_ref)
 

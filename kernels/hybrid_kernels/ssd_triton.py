@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -42,11 +41,6 @@ from hybrid_kernels.ssd_ref import _check_shapes
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
 FWD_CHUNK = 64  # chunk of the forward scan
 DEFAULT_DT_LIMIT = (0.0, math.inf)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -832,4 +826,4 @@ def ssd_triton(
     return (y, final) if return_final_states else y
 
 
-__all__ = ["KERNEL_CHUNK", "interpreting", "ssd_triton"]
+__all__ = ["FWD_CHUNK", "KERNEL_CHUNK", "ssd_triton"]

@@ -1,0 +1,89 @@
+"""Small helpers shared by the Triton kernel files: interpreter detection, config choice, device
+guards. Importable without triton (the kernels themselves need it).
+
+Triton decides at decoration time (`@triton.jit`, i.e. when a kernel module is imported) whether
+kernels are compiled for the GPU or run by its CPU interpreter (`TRITON_INTERPRET=1`). A kernel
+module therefore records `interpreting()` at import, and CPU tensors can only go to a module
+imported with the flag set (`check_launchable` says so clearly otherwise). Under the interpreter,
+`triton.autotune` with several configs fails ("0 active drivers") and `torch.cuda.device` fails
+on CPU tensors: use `pick_configs` and `device_guard`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+
+ENV_INTERPRET = "TRITON_INTERPRET"
+T = TypeVar("T")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get(ENV_INTERPRET, "0") == "1"
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def supports_triton(device: torch.device) -> bool:
+    """`supports` predicate of a Triton implementation: CUDA, or CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def auto_triton(device: torch.device) -> bool:
+    """`auto` predicate of a Triton implementation: chosen automatically on CUDA only (the
+    interpreter is for tests)."""
+    return device.type == "cuda"
+
+
+def pick_configs(configs: Sequence[T], interpret_config: T, interpreted: bool) -> list[T]:
+    """The autotuning configs to use: all of them compiled, one under the interpreter."""
+    return [interpret_config] if interpreted else list(configs)
+
+
+def check_launchable(t: torch.Tensor, interpreted: bool, what: str) -> None:
+    """Raise a clear error when `t` cannot run the kernels of a module imported with
+    `interpreted` (CPU tensors need a module imported under TRITON_INTERPRET=1)."""
+    if t.device.type == "cuda" or (interpreted and t.device.type == "cpu"):
+        return
+    if t.device.type == "cpu":
+        raise RuntimeError(
+            f"{what}: CPU tensors need Triton's interpreter, but the kernels were imported "
+            f"without {ENV_INTERPRET}=1; set it before the first import, or use impl='torch'"
+        )
+    raise RuntimeError(
+        f"{what}: Triton kernels run on CUDA (or CPU when interpreting), got {t.device}"
+    )
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """`torch.cuda.device(t.device)` for CUDA tensors, a no-op otherwise."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): sizes grids for full occupancy."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+__all__ = [
+    "ENV_INTERPRET",
+    "auto_triton",
+    "check_launchable",
+    "device_guard",
+    "interpreting",
+    "num_sms",
+    "pick_configs",
+    "supports_triton",
+    "triton_available",
+]

@@ -1,0 +1,322 @@
+"""Gated, grouped RMSNorm of Mamba-2 (mamba_ssm's `RMSNormGated`) in Triton: forward and a
+deterministic backward. Semantics of `hybrid_kernels.rmsnorm_ref.gated_rmsnorm_ref`:
+
+    norm_before_gate=False:  y = norm(x * silu(z)) * w
+    norm_before_gate=True:   y = norm(x) * w * silu(z)
+    norm(v) = v * rstd,  rstd = 1 / sqrt(mean(v^2 over each group of S channels) + eps)
+
+z and w are optional; `rmsnorm_triton` is the ungated single-group case.
+
+Kernels, top-down:
+
+* `_gated_rmsnorm_fwd_kernel` — one program per (block of rows, group) loads a BM x S tile of x
+  (and z), reduces each row's group to its rstd and stores y. Nothing else is written: the
+  backward recomputes rstd from the x (and z) it has to read anyway.
+* `_gated_rmsnorm_bwd_kernel` — one program per (run of row blocks, group) computes dx and dz
+  and accumulates the weight gradient of its run in registers; the partial sums (one row per
+  run) are reduced by `torch.sum` in a fixed order: the backward is deterministic (no atomics).
+
+Custom ops (`torch.library.custom_op`, namespace `hybrid_kernels`): `gated_rmsnorm_fwd` and
+`gated_rmsnorm_bwd`, with fake implementations and the autograd formula registered on the
+forward op (`register_autograd` plays the role of an autograd Function), so `torch.compile`
+traces `gated_rmsnorm_triton` as one opaque node with its backward.
+
+Shape legend: M rows (all leading dims), D channels, G groups, S group size (D = G * S); in
+kernels BM/BS the row/column blocks. Computation is in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hybrid_kernels._triton_utils import check_launchable, device_guard, interpreting, num_sms
+
+INTERPRETED = interpreting()  # how this module's kernels were decorated (see _triton_utils)
+MAX_GROUP_BLOCK = 32768  # columns one program holds in registers
+
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, rows, cols, mask, s_m, ACC: tl.constexpr):
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * s_m + cols[None, :], mask=mask, other=0.0).to(
+        ACC
+    )
+
+
+@triton.jit
+def _gated_rmsnorm_fwd_kernel(
+    x_ptr, z_ptr, w_ptr, y_ptr, M, D, S, eps, s_xm, s_zm,
+    HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
+    """Program (row block, group g): y (M, D) contiguous."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs = tl.arange(0, BS)
+    cols = tl.program_id(1) * S + offs
+    mask = (rows < M)[:, None] & (offs < S)[None, :]
+    v = _load_rows(x_ptr, rows, cols, mask, s_xm, ACC)
+    if HAS_Z:
+        z = _load_rows(z_ptr, rows, cols, mask, s_zm, ACC)
+        gate = z * tl.sigmoid(z)
+        if not NORM_BEFORE_GATE:
+            v = v * gate
+    rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / S + eps)
+    y = v * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=offs < S, other=0.0).to(ACC)[None, :]
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * gate
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _gated_rmsnorm_bwd_kernel(
+    dy_ptr, x_ptr, z_ptr, w_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, S, eps, s_xm, s_zm,
+    HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+    ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    """Program (run r of ITERS row blocks, group g): dx and dz (M, D) contiguous, partial
+    dweight (n_runs, D) in fp32 (or fp64)."""
+    r = tl.program_id(0)
+    offs = tl.arange(0, BS)
+    cols = tl.program_id(1) * S + offs
+    mask_c = offs < S
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
+    dw_acc = tl.zeros((BS,), dtype=ACC)
+    for i in range(ITERS):
+        rows = (r * ITERS + i) * BM + tl.arange(0, BM)
+        mask = (rows < M)[:, None] & mask_c[None, :]
+        x = _load_rows(x_ptr, rows, cols, mask, s_xm, ACC)
+        dy = _load_rows(dy_ptr, rows, cols, mask, D, ACC)
+        v = x
+        if HAS_Z:
+            z = _load_rows(z_ptr, rows, cols, mask, s_zm, ACC)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            dsilu = sig * (1.0 + z * (1.0 - sig))
+            if not NORM_BEFORE_GATE:
+                v = x * gate
+        rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / S + eps)
+        xhat = v * rstd[:, None]
+        dyn = dy
+        if HAS_Z and NORM_BEFORE_GATE:
+            yn = xhat
+            if HAS_W:
+                yn = xhat * w
+            dz = dy * yn * dsilu
+            dyn = dy * gate
+        dw_acc += tl.sum(dyn * xhat, axis=0)
+        dxhat = dyn
+        if HAS_W:
+            dxhat = dyn * w
+        c = tl.sum(dxhat * xhat, axis=1) / S
+        dv = (dxhat - xhat * c[:, None]) * rstd[:, None]
+        dx = dv
+        if HAS_Z and not NORM_BEFORE_GATE:
+            dx = dv * gate
+            dz = dv * x * dsilu
+        off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_Z:
+            tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(dw_part_ptr + r * D + cols, dw_acc, mask=mask_c)
+
+
+# -- launchers -------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(S: int) -> tuple[int, int, int]:
+    """(BM, BS, num_warps): about 4K elements per program; small under the interpreter."""
+    BS = triton.next_power_of_2(S)
+    if BS > MAX_GROUP_BLOCK:
+        raise ValueError(
+            f"gated_rmsnorm_triton: group size {S} is above {MAX_GROUP_BLOCK}; use impl='torch'"
+        )
+    if INTERPRETED:
+        return 4, BS, 1
+    BM = max(1, min(64, 4096 // BS))
+    return BM, BS, min(max(BM * BS // 256, 1), 8)
+
+
+def _iters(n_mblocks: int, G: int, device: torch.device) -> int:
+    """Row blocks per backward program: enough programs to fill the GPU, few partial sums.
+    A function of the shape and device only, so the reduction order is fixed."""
+    if INTERPRETED:
+        return 2
+    iters = (n_mblocks * G) // (4 * num_sms(device))
+    return max(1, min(iters, 64, n_mblocks))
+
+
+def _as_rows(t: Tensor, D: int) -> Tensor:
+    """(..., D) -> (M, D) with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, D)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check(x: Tensor, z: Tensor | None, weight: Tensor | None, group_size: int) -> None:
+    D = x.shape[-1]
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"gated_rmsnorm: z {tuple(z.shape)} must match x {tuple(x.shape)}")
+    if weight is not None and tuple(weight.shape) != (D,):
+        raise ValueError(f"gated_rmsnorm: weight must have shape ({D},), got {tuple(weight.shape)}")
+    if group_size <= 0 or D % group_size != 0:
+        raise ValueError(f"rmsnorm: group_size ({group_size}) must divide the last dim ({D})")
+    check_launchable(x, INTERPRETED, "gated_rmsnorm_triton")
+
+
+def _gated_rmsnorm_fwd(
+    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int,
+    norm_before_gate: bool,
+) -> Tensor:  # fmt: skip
+    """x, z (..., D), weight (D) -> y (..., D) contiguous in x's dtype."""
+    _check(x, z, weight, group_size)
+    D = x.shape[-1]
+    x2 = _as_rows(x, D)
+    z2 = _as_rows(z, D) if z is not None else None
+    M, G = x2.shape[0], D // group_size
+    y = x.new_empty(x.shape)
+    if M * D == 0:
+        return y
+    BM, BS, num_warps = _blocks(group_size)
+    with device_guard(x):
+        _gated_rmsnorm_fwd_kernel[(triton.cdiv(M, BM), G)](
+            x2, z2, weight, y, M, D, group_size, eps, x2.stride(0),
+            z2.stride(0) if z2 is not None else 0,
+            HAS_Z=z is not None, HAS_W=weight is not None, NORM_BEFORE_GATE=norm_before_gate,
+            ACC=_acc_dtype(x.dtype), BM=BM, BS=BS, num_warps=num_warps,
+        )  # fmt: skip
+    return y
+
+
+def _gated_rmsnorm_bwd(
+    dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float,
+    group_size: int, norm_before_gate: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """dy (..., D) -> (dx (..., D), dz (..., D) or None, dweight (D) or None)."""
+    _check(x, z, weight, group_size)
+    if dy.shape != x.shape:
+        raise ValueError(f"gated_rmsnorm bwd: dy {tuple(dy.shape)} must match x {tuple(x.shape)}")
+    D = x.shape[-1]
+    x2 = _as_rows(x, D)
+    z2 = _as_rows(z, D) if z is not None else None
+    dy2 = dy.reshape(-1, D).contiguous()
+    M, G = x2.shape[0], D // group_size
+    dx = x.new_empty(x.shape)
+    dz = z.new_empty(z.shape) if z is not None else None
+    BM, BS, num_warps = _blocks(group_size)
+    n_mblocks = triton.cdiv(M, BM)
+    iters = _iters(n_mblocks, G, x.device)
+    n_runs = triton.cdiv(n_mblocks, iters)
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dw_part = x.new_zeros(n_runs, D, dtype=acc_t) if weight is not None else None
+    if M * D > 0:
+        with device_guard(x):
+            _gated_rmsnorm_bwd_kernel[(n_runs, G)](
+                dy2, x2, z2, weight, dx, dz, dw_part, M, D, group_size, eps, x2.stride(0),
+                z2.stride(0) if z2 is not None else 0,
+                HAS_Z=z is not None, HAS_W=weight is not None,
+                NORM_BEFORE_GATE=norm_before_gate, ACC=_acc_dtype(x.dtype), BM=BM, BS=BS,
+                ITERS=iters, num_warps=num_warps,
+            )  # fmt: skip
+    dw = dw_part.sum(0).to(weight.dtype) if dw_part is not None else None
+    return dx, dz, dw
+
+
+# -- custom ops and autograd -----------------------------------------------------------------
+
+
+@torch.library.custom_op("hybrid_kernels::gated_rmsnorm_fwd", mutates_args=())
+def _gated_rmsnorm_fwd_op(
+    x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int,
+    norm_before_gate: bool,
+) -> Tensor:  # fmt: skip
+    return _gated_rmsnorm_fwd(x, z, weight, eps, group_size, norm_before_gate)
+
+
+@_gated_rmsnorm_fwd_op.register_fake
+def _(x, z, weight, eps, group_size, norm_before_gate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hybrid_kernels::gated_rmsnorm_bwd", mutates_args=())
+def _gated_rmsnorm_bwd_op(
+    dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float,
+    group_size: int, norm_before_gate: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """-> (dx, dz, dweight); absent inputs get distinct empty tensors (custom-op outputs may be
+    neither None nor aliases)."""
+    dx, dz, dw = _gated_rmsnorm_bwd(dy, x, z, weight, eps, group_size, norm_before_gate)
+    return dx, dz if dz is not None else x.new_empty(0), dw if dw is not None else x.new_empty(0)
+
+
+@_gated_rmsnorm_bwd_op.register_fake
+def _(dy, x, z, weight, eps, group_size, norm_before_gate):
+    dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
+    return x.new_empty(x.shape), dz, dw
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, z, weight, eps, group_size, norm_before_gate = inputs
+    ctx.save_for_backward(x, z, weight)
+    ctx.args = (eps, group_size, norm_before_gate)
+
+
+def _backward(ctx, dy):
+    x, z, weight = ctx.saved_tensors
+    dx, dz, dw = _gated_rmsnorm_bwd_op(dy, x, z, weight, *ctx.args)
+    return dx, dz if z is not None else None, dw if weight is not None else None, None, None, None
+
+
+_gated_rmsnorm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public functions ------------------------------------------------------------------------
+
+
+def gated_rmsnorm_triton(
+    x: Tensor,
+    z: Tensor | None,
+    weight: Tensor | None,
+    eps: float = 1e-5,
+    *,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> Tensor:
+    """Gated RMSNorm per group of `group_size` channels in Triton; same arguments and results as
+    `gated_rmsnorm_ref`.
+
+    Args:
+        x: (..., D). z: (..., D) gate or None. weight: (D) or None.
+        group_size: channels per group (D // n_groups); None means the whole last dim.
+        norm_before_gate: gate after normalising instead of before.
+    Returns:
+        (..., D) in x's dtype, contiguous. Differentiable in x, z and weight; the backward is
+        deterministic. Computes in fp32 (fp64 for fp64 inputs).
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"gated_rmsnorm_triton: x must be a float tensor, got {x.dtype}")
+    group_size = group_size if group_size is not None else x.shape[-1]
+    _check(x, z, weight, group_size)
+    return _gated_rmsnorm_fwd_op(x, z, weight, float(eps), int(group_size), bool(norm_before_gate))
+
+
+def rmsnorm_triton(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last dim in Triton: x (..., D), weight (D) or None -> (..., D) in x's
+    dtype; same results as `rmsnorm_ref`."""
+    return gated_rmsnorm_triton(x, None, weight, eps)
+
+
+__all__ = ["INTERPRETED", "gated_rmsnorm_triton", "rmsnorm_triton"]
