@@ -11,16 +11,17 @@ import logging
 import sys
 
 from hybrid import __version__
-from hybrid.commands import convert, data, generate, inspect, train
+from hybrid.commands import convert, data, generate, inspect, submit, train
 from hybrid.commands import eval as eval_cmd
 from hybrid.recipe.schema import ConfigError
 
-COMMANDS = (inspect, train, data, generate, eval_cmd, convert)
+COMMANDS = (inspect, train, submit, data, generate, eval_cmd, convert)
 
 EPILOG = """examples:
   hybrid inspect recipes/jamba-1to3-moe16.yaml
   hybrid inspect recipes/nemotron-h-8b.yaml --json --context 131072
   hybrid train recipes/debug/hybrid-tiny.yaml --set train.steps=50
+  hybrid submit recipes/jamba-1to3-moe16.yaml --nodes 4 --gpus-per-node 8 --time 2-00:00:00
   hybrid data prepare corpus.jsonl --output data/corpus --tokenizer byte --workers 4
   hybrid generate runs/hybrid-tiny --prompt "def main(" --max-new-tokens 100
   hybrid eval runs/hybrid-tiny --probes mqar,passkey --contexts 128,256,512

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,6 +87,13 @@ class LocalBackend(Backend):
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():

@@ -23,7 +23,11 @@ aside first and a warning says that this one save is not crash-atomic. Old check
 `keep` are pruned only after `latest` names the new one, by moving each to a `.tmp-*` name
 before deleting it, and the directory `latest` names is never pruned.
 
-Only one process may save into a run directory at a time (rank 0 of the trainer).
+Only one process may save into a run directory at a time (rank 0 of the trainer). An engine
+that writes its own sharded files from every rank (DeepSpeed) gets the temporary directory from
+`begin_save` on rank 0, writes into it from all ranks, and rank 0 then passes it to
+`save_checkpoint(tmp_dir=...)`: the extra files are fsynced, their sizes recorded in meta.json
+(and checked on load), and they are installed with the rest by the same rename.
 
 For tests, the environment variable HYBRID_CKPT_TEST_PAUSE=PHASE[@STEP][:SECONDS] (PHASE one of
 `PAUSE_PHASES`) makes a save (only the save of STEP, when given) print a line to stderr at that
@@ -128,9 +132,13 @@ def save_checkpoint(
     recipe: Mapping[str, Any],
     keep: int = 3,
     meta: Mapping[str, Any] | None = None,
+    tmp_dir: Path | None = None,
 ) -> Path:
     """Write a checkpoint atomically, point `latest` at it, prune all but the last `keep` (0: keep
     every checkpoint; the one `latest` names is always kept).
+
+    `tmp_dir`: a directory from `begin_save(run_dir, step)` that may already hold other files
+    (an engine's shards); they become part of the checkpoint.
 
     `train_state` may hold only tensors, dicts, lists, tuples, ints, floats, strs, bools and None
     (tensors are moved to CPU); `meta` must be JSON-serialisable and must not use the keys
@@ -139,11 +147,13 @@ def save_checkpoint(
     pause = _pause_hook(step)
     payload = _prepare(step, keep, model_state, train_state, recipe, meta)
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale(ckpt_dir)
     name = step_dir_name(step)
-    tmp = ckpt_dir / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    if tmp_dir is None:
+        tmp = begin_save(run_dir, step)
+    else:
+        tmp = Path(tmp_dir)
+        if tmp.parent != ckpt_dir or not tmp.name.startswith(f"{TMP_PREFIX}{name}-"):
+            raise ValueError(f"tmp_dir {tmp} was not made by begin_save({run_dir}, {step})")
     _write_files(tmp, step, payload, pause)
     pause("after_tmp_write")
 
@@ -158,6 +168,16 @@ def save_checkpoint(
     _prune(ckpt_dir, keep, name, pause)
     log.info("saved checkpoint %s", final)
     return final
+
+
+def begin_save(run_dir: Path, step: int) -> Path:
+    """Create the temporary directory of a save of `step` (removing what killed saves left)."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale(ckpt_dir)
+    tmp = ckpt_dir / f"{TMP_PREFIX}{step_dir_name(step)}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    return tmp
 
 
 @dataclasses.dataclass
@@ -212,6 +232,13 @@ def _write_files(tmp: Path, step: int, payload: _Payload, pause: Callable[[str],
         os.fsync(f.fileno())
     _write_text(tmp / RECIPE_FILE, payload.recipe_text)
     files = {n: (tmp / n).stat().st_size for n in (MODEL_FILE, TRAIN_STATE_FILE, RECIPE_FILE)}
+    for path in sorted(tmp.rglob("*")):  # files an engine wrote into tmp_dir
+        name = path.relative_to(tmp).as_posix()
+        if path.is_file() and name not in FILES:
+            _fsync_path(path)
+            files[name] = path.stat().st_size
+    for path in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        _fsync_path(path)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step}
     meta.update(saved_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), files=files)
     _write_text(tmp / META_FILE, json.dumps({**meta, **payload.meta}, indent=2) + "\n")
@@ -514,12 +541,14 @@ def _read_meta(step_dir: Path) -> dict[str, Any]:
     files = meta.get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{path}: no 'files' table")
-    for name in (MODEL_FILE, TRAIN_STATE_FILE, RECIPE_FILE):
-        actual, size = (step_dir / name).stat().st_size, files.get(name)
+    for name in (MODEL_FILE, TRAIN_STATE_FILE, RECIPE_FILE, *files):
+        path = step_dir / name
+        actual, size = path.stat().st_size if path.is_file() else None, files.get(name)
+        if actual is None:
+            raise CheckpointError(f"{path}: missing, though {META_FILE} lists it")
         if actual != size:
             raise CheckpointError(
-                f"{step_dir / name}: {actual} bytes, {META_FILE} records {size} (truncated or "
-                "altered)"
+                f"{path}: {actual} bytes, {META_FILE} records {size} (truncated or altered)"
             )
     return meta
 

@@ -21,11 +21,11 @@ from hybrid.data.loader import TrainDataLoader, build_validation_batches
 from hybrid.data.tokenizer import build_tokenizer
 from hybrid.model import build_model
 from hybrid.parallel.base import Backend
-from hybrid.parallel.local import LocalBackend
+from hybrid.parallel.registry import build_backend
 from hybrid.recipe.analysis import model_figures
 from hybrid.recipe.recipe import Recipe, recipe_from_dict
 from hybrid.recipe.schema import ConfigError, to_dict
-from hybrid.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from hybrid.train.checkpoint import begin_save, find_latest, load_checkpoint, save_checkpoint
 from hybrid.train.logging_utils import MetricsLogger, ProgressLine
 from hybrid.train.metrics import ThroughputMeter, memory_gb, mfu, peak_bf16_flops
 from hybrid.train.optim import build_optimizer
@@ -73,15 +73,6 @@ def resolve_run_dir(recipe: Recipe, override: str | None) -> Path:
         ) from None
 
 
-def build_backend(recipe: Recipe) -> Backend:
-    t = recipe.train
-    if recipe.parallel.backend == "local":
-        return LocalBackend(
-            device=t.device, activation_checkpointing=t.activation_checkpointing, compile=t.compile
-        )
-    raise ConfigError(f"unknown parallel.backend {recipe.parallel.backend!r}")
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
@@ -93,7 +84,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 def setup(recipe: Recipe, run_dir: Path) -> Session:
     """Build backend, tokenizer check, model, optimizer, schedule and data for `recipe`."""
     t = recipe.train
-    backend = build_backend(recipe)
+    backend = build_backend(recipe, run_dir)
     t.grad_accum_steps(backend.world_size)  # fail before building anything
     torch.manual_seed(t.seed)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
@@ -106,6 +97,7 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
     model = build_model(recipe.model, device=backend.device)
     train_model = backend.parallelize(model)
     optimizer, groups = build_optimizer(model, t.optimizer, backend.device.type)
+    train_model = backend.attach_optimizer(train_model, optimizer)
     scheduler = build_scheduler(optimizer, t.schedule, t.steps, t.optimizer.min_lr_ratio)
     loader = TrainDataLoader(
         recipe.data,
@@ -149,15 +141,21 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
 
 
 def save(s: Session, losses: dict[int, float]) -> None:
+    """Every rank: engine shards into rank 0's temporary step directory, then the canonical
+    state, which rank 0 writes and installs atomically."""
+    b = s.backend
+    tmp = b.broadcast_object(begin_save(s.run_dir, s.step) if b.is_main else None)
+    b.save_shards(s.train_model, tmp)
+    model_state = b.model_state(s.model)
     state = {
         "step": s.step,
-        "optimizer": s.optimizer.state_dict(),
+        "optimizer": b.optimizer_state(s.optimizer),
         "scheduler": s.scheduler.state_dict(),
         "rng": capture_rng_state(),
         "data": s.loader.state_dict(),
+        "backend": b.topology(),
     }
-    model_state = s.backend.model_state(s.model)
-    if s.backend.is_main:
+    if b.is_main:
         save_checkpoint(
             s.run_dir,
             s.step,
@@ -165,8 +163,9 @@ def save(s: Session, losses: dict[int, float]) -> None:
             train_state=state,
             recipe=s.recipe.to_dict(),
             keep=s.recipe.train.keep_checkpoints,
+            tmp_dir=tmp,
         )
-    s.backend.barrier()
+    b.barrier()
 
 
 def check_compatible(recipe: Recipe, saved: dict) -> None:
@@ -189,19 +188,40 @@ def drop_metrics_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Load the LR scheduler; from a run with another number of parameter groups (an
+    expert-parallel run keeps expert parameters in groups of their own) the per-group lists
+    are rebuilt from this run's groups: every group follows the same schedule of the step."""
+    groups = scheduler.optimizer.param_groups
+    if len(state.get("base_lrs", groups)) != len(groups):
+        state = {
+            **state,
+            "base_lrs": [g["initial_lr"] for g in groups],
+            "_last_lr": [g["lr"] for g in groups],
+        }
+    scheduler.load_state_dict(state)
+
+
 def restore(s: Session, path: Path) -> None:
     ckpt = load_checkpoint(path)
     check_compatible(s.recipe, ckpt.recipe)
-    s.backend.load_model_state(s.model, ckpt.model_state)
     st = ckpt.train_state
-    s.optimizer.load_state_dict(st["optimizer"])
-    s.scheduler.load_state_dict(st["scheduler"])
+    how = s.backend.restore_state(
+        s.model,
+        s.train_model,
+        s.optimizer,
+        step_dir=ckpt.path,
+        model_state=ckpt.model_state,
+        optimizer_state=st["optimizer"],
+        saved_topology=st.get("backend"),
+    )
+    load_scheduler_state(s.scheduler, st["scheduler"])
     s.loader.load_state_dict(st["data"])
     restore_rng_state(st["rng"])
     s.step = int(st["step"])
     drop_metrics_after(s.run_dir / "metrics.jsonl", s.step)
     if s.backend.is_main:
-        log.info("resumed from %s at step %d", path, s.step)
+        log.info("resumed from %s at step %d (%s)", path, s.step, how)
 
 
 def next_batches(s: Session) -> list:

@@ -46,7 +46,8 @@ def train_step(
     precision: str,
     grad_clip: float | None,
 ) -> StepResult:
-    """Forward/backward over `batches` (this rank's micro-batches), clip, optimizer step."""
+    """Forward/backward over `batches` (this rank's micro-batches), then the backend's
+    optimizer step (clip, update, zero the gradients)."""
     batches = [_to_device(b, backend.device) for b in batches]
     local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
     total = backend.all_reduce_sum(torch.tensor(float(local_tokens), device=backend.device))
@@ -70,11 +71,9 @@ def train_step(
                 loss = loss + out.aux_loss / n_micro
                 aux_sum += out.aux_loss.detach() / n_micro
                 _merge_moe(moe, out.moe, n_micro)
-            loss.backward()
+            backend.backward(model, loss)
         loss_sum += out.loss.detach() * n_valid
-    grad_norm = _clip(model, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = backend.optimizer_step(model, optimizer, grad_clip)
     global_loss = backend.all_reduce_sum(loss_sum) / total_tokens
     aux = backend.all_reduce_sum(aux_sum) / backend.world_size
     return StepResult(
@@ -84,12 +83,6 @@ def train_step(
         tokens=int(total_tokens),
         moe=moe,
     )
-
-
-def _clip(model: nn.Module, grad_clip: float | None) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    max_norm = grad_clip if grad_clip else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
 @torch.no_grad()
