@@ -15,6 +15,8 @@
 #
 # The settings are the ones that work in a container: SlurmUser=root, proctrack/linuxproc (no
 # cgroups), task/none, select/cons_tres with CR_Core, one node named `hostname -s` with nproc CPUs.
+# AuthInfo cred_expire=10: Slurm keeps a requeued job pending for cred_expire + 1 seconds
+# (default 121 s); 10 keeps the requeue test short. sched_interval=2 schedules promptly.
 set -euo pipefail
 
 DIR=${HYBRID_SLURM_DIR:-/tmp/hybrid-slurm}
@@ -44,8 +46,14 @@ node_state() {
     sinfo --noheader --format=%T 2>/dev/null | head -n 1
 }
 
+alive() {
+    [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
 running() {
-    [[ -f $CONF ]] && [[ $(node_state) =~ ^(idle|mixed|allocated|completing) ]]
+    # the pid files first: sinfo retries for seconds when no controller answers
+    alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" && [[ -f $CONF ]] &&
+        [[ $(node_state) =~ ^(idle|mixed|allocated|completing) ]]
 }
 
 write_conf() {
@@ -81,6 +89,7 @@ SwitchType=switch/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
+MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
 SlurmdParameters=config_overrides
@@ -101,7 +110,7 @@ start_munge() {
     fi
     chown munge:munge "$MUNGE_DIR/munge.key"
     chmod 0400 "$MUNGE_DIR/munge.key"
-    if [[ -S $SOCKET ]] && [[ -f $MUNGE_DIR/munged.pid ]] && kill -0 "$(cat "$MUNGE_DIR/munged.pid")" 2>/dev/null; then
+    if [[ -S $SOCKET ]] && alive "$MUNGE_DIR/munged.pid"; then
         return
     fi
     runuser -u munge -- munged --force --socket="$SOCKET" --key-file="$MUNGE_DIR/munge.key" \

@@ -22,6 +22,10 @@ EPILOG = """examples:
   hybrid submit recipes/debug/hybrid-tiny.yaml --dry-run
   hybrid submit my.yaml --sweep model.layout.attention_ratio=1:3,1:7,1:15 --time 12:00:00
   hybrid submit my.yaml --set cluster.launcher=deepspeed --set 'cluster.modules=[cuda/12.4]'
+
+try it on one machine (root, Debian's slurm-wlm and munge installed):
+  slurm/local-cluster.sh start && export SLURM_CONF=/tmp/hybrid-slurm/slurm.conf
+  hybrid submit recipes/debug/hybrid-tiny.yaml --set cluster.procs_per_node=2 --set train.steps=50
 """
 
 # flag -> ClusterConfig field

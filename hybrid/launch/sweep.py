@@ -66,4 +66,4 @@ def run_dir_name(index: int, combo: tuple[tuple[str, str], ...]) -> str:
     """`3-lr=3e-3-pattern=M_M_`: the task index keeps names unique after sanitising."""
     parts = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in combo]
     name = _UNSAFE.sub("_", "-".join([str(index), *parts]))
-    return name[:MAX_DIR_NAME].rstrip("._-")
+    return name[:MAX_DIR_NAME]
