@@ -95,16 +95,18 @@ class Backend(ABC):
         try:
             optimizer.load_state_dict(state)
         except (ValueError, KeyError) as err:
-            raise ConfigError(f"the checkpoint's optimizer state does not fit this run: {err}") from None
+            raise ConfigError(
+                f"the checkpoint's optimizer state does not fit this run: {err}"
+            ) from None
 
     def topology(self) -> dict[str, Any]:
         """How this run is laid out; stored in checkpoints to decide how to restore them."""
         return {"backend": self.name, "world_size": self.world_size}
 
-    def save_shards(self, module: nn.Module, directory: Path) -> list[str]:
+    def save_shards(self, module: nn.Module, directory: Path) -> None:
         """Write engine-owned checkpoint files into `directory` (the save's temporary directory,
-        the same on every rank). Every rank calls it; returns the top-level names it wrote."""
-        return []
+        the same on every rank). Every rank calls it. Default: none."""
+        return None
 
     def load_shards(self, module: nn.Module, step_dir: Path, saved: dict[str, Any] | None) -> bool:
         """Restore the model and optimizer from the engine-owned files of `step_dir` when they

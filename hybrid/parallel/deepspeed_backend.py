@@ -29,6 +29,7 @@ files; any other resume, expert-parallel ones included, loads the canonical stat
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -187,10 +188,10 @@ class DeepSpeedBackend(Backend):
         try:
             engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         except (ValueError, AssertionError, TypeError, KeyError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            what = "; ".join(lines[:3])[:400] or type(err).__name__
             raise ConfigError(
-                f"DeepSpeed rejected the configuration ({first}); see "
-                f"{self.run_dir / CONFIG_FILE}",
+                f"DeepSpeed rejected the configuration ({what}); see {self.run_dir / CONFIG_FILE}",
                 key="parallel.deepspeed",
             ) from err
         self.engine = engine
@@ -235,7 +236,12 @@ class DeepSpeedBackend(Backend):
             measured = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
         module.step()
         norm = module.get_global_grad_norm()
-        return float(norm) if norm is not None else float(measured)
+        if norm is None:
+            norm = measured
+        if norm is None:  # e.g. zero_optimization.compute_grad_norm: false in parallel.deepspeed
+            _warn_once("DeepSpeed reports no gradient norm; train/grad_norm is logged as nan")
+            return float("nan")
+        return float(norm)
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
         if precision == "bf16" and self.parallel.zero_stage == 0:
@@ -292,7 +298,7 @@ class DeepSpeedBackend(Backend):
             "deepspeed_version": deepspeed.__version__,
         }
 
-    def save_shards(self, module: nn.Module, directory: Path) -> list[str]:
+    def save_shards(self, module: nn.Module, directory: Path) -> None:
         """engine.save_checkpoint into DIRECTORY/deepspeed (every rank), fsynced."""
         module.save_checkpoint(str(directory), tag=SHARDS_DIR, client_state={}, save_latest=False)
         for path in sorted((Path(directory) / SHARDS_DIR).rglob("*")):
@@ -300,13 +306,14 @@ class DeepSpeedBackend(Backend):
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         self.barrier()
-        return [SHARDS_DIR]
 
     def load_shards(self, module: nn.Module, step_dir: Path, saved: dict[str, Any] | None) -> bool:
         now = self.topology()
         if saved != now:
             if self.is_main:
-                log.info("checkpoint layout %s, this run %s: restoring the canonical state", saved, now)
+                log.info(
+                    "checkpoint layout %s, this run %s: restoring the canonical state", saved, now
+                )
             return False
         if self.parallel.ep > 1:
             if self.is_main:
@@ -363,6 +370,11 @@ def _split_expert_groups(optimizer: torch.optim.Optimizer, name: str) -> None:
             group["params"] = [p for p in group["params"] if getattr(p, "allreduce", True)]
             expert_groups.append({**group, "params": experts, "name": name, "moe": True})
     optimizer.param_groups.extend(expert_groups)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def _skip_cpu_inference_comm_op() -> None:

@@ -134,11 +134,22 @@ class ExpertShard(GroupedExperts, DeepSpeedMoE):
         )
         order_R = torch.argsort(local_R, stable=True)
         counts_local = recv_SE.sum(0)
+        x_sorted = x_RD[order_R]
         y_sorted = GroupedExperts.forward(
-            self, x_RD[order_R], counts_local, local_R[order_R] if self.has_bias else None
+            self, x_sorted, counts_local, local_R[order_R] if self.has_bias else None
         )
+        if y_sorted.shape[0] == 0 and torch.is_grad_enabled():
+            y_sorted = y_sorted + self._zero_link(x_sorted)
         y_RD = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)
         return _AllToAll.apply(y_RD, recv, send, self.group)
+
+    def _zero_link(self, x_RD: Tensor) -> Tensor:
+        """0, with a gradient path to the input and every local weight. A rank that receives no
+        rows must still run the backward all-to-all its peers wait for, and give its experts
+        (zero) gradients as the other ranks do, so every rank's backward has the same
+        collectives in the same order."""
+        weights = [w for w in (getattr(self, n) for n in EXPERT_WEIGHTS) if w is not None]
+        return (x_RD.sum() + sum(w.sum() for w in weights)) * 0.0
 
     def extra_repr(self) -> str:
         first = self.ep_rank * self.num_local_experts

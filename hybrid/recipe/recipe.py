@@ -69,7 +69,9 @@ class ParallelConfig:
             "offload_optimizer",
             "needs zero_stage 1, 2 or 3 (stage 0 keeps no optimizer partition to offload)",
         )
-        check(not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3")
+        check(
+            not self.offload_params or self.zero_stage == 3, "offload_params", "needs zero_stage 3"
+        )
         check(
             self.ep == 1 or self.zero_stage in (1, 2),
             "ep",

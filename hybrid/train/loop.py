@@ -219,8 +219,8 @@ def restore(s: Session, path: Path) -> None:
     s.loader.load_state_dict(st["data"])
     restore_rng_state(st["rng"])
     s.step = int(st["step"])
-    drop_metrics_after(s.run_dir / "metrics.jsonl", s.step)
-    if s.backend.is_main:
+    if s.backend.is_main:  # rank 0 alone writes metrics.jsonl
+        drop_metrics_after(s.run_dir / "metrics.jsonl", s.step)
         log.info("resumed from %s at step %d (%s)", path, s.step, how)
 
 

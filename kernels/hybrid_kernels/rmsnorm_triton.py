@@ -13,8 +13,13 @@ Kernels, top-down:
   (and z), reduces each row's group to its rstd and stores y. Nothing else is written: the
   backward recomputes rstd from the x (and z) it has to read anyway.
 * `_gated_rmsnorm_bwd_kernel` — one program per (run of row blocks, group) computes dx and dz
-  and accumulates the weight gradient of its run in registers; the partial sums (one row per
-  run) are reduced by `torch.sum` in a fixed order: the backward is deterministic (no atomics).
+  and accumulates the weight gradient of its run; the partial sums (one row per run) are
+  reduced by `torch.sum` in a fixed order: the backward is deterministic (no atomics).
+
+A group too wide for one tile (see `_blocks`; Mamba-2 with n_groups=1 has S = d_inner) is walked
+in column chunks twice per row block: once for the row statistics, once for the outputs (the
+second pass reads from cache). The backward then adds each chunk's weight-gradient terms to its
+own row of partials in memory, which no other program touches.
 
 Custom ops (`torch.library.custom_op`, namespace `hybrid_kernels`): `gated_rmsnorm_fwd` and
 `gated_rmsnorm_bwd`, with fake implementations and the autograd formula registered on the
@@ -35,7 +40,7 @@ from torch import Tensor
 from hybrid_kernels._triton_utils import check_launchable, device_guard, interpreting, num_sms
 
 INTERPRETED = interpreting()  # how this module's kernels were decorated (see _triton_utils)
-MAX_GROUP_BLOCK = 32768  # columns one program holds in registers
+LOOP_COLS = 512  # column chunk of groups too wide for one tile (see _blocks)
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -43,90 +48,181 @@ MAX_GROUP_BLOCK = 32768  # columns one program holds in registers
 
 @triton.jit
 def _load_rows(ptr, rows, cols, mask, s_m, ACC: tl.constexpr):
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * s_m + cols[None, :], mask=mask, other=0.0).to(
-        ACC
-    )
+    off = rows.to(tl.int64)[:, None] * s_m + cols[None, :]
+    return tl.load(ptr + off, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _tile(rows, c, g, M, S, BS: tl.constexpr):
+    """Columns of chunk c of group g and the mask of the (rows x columns) tile."""
+    offs = c * BS + tl.arange(0, BS)
+    mask_c = offs < S
+    return g * S + offs, mask_c, (rows < M)[:, None] & mask_c[None, :]
+
+
+@triton.jit
+def _prep(x_ptr, z_ptr, dy_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+          HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+          BACKWARD: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Load a tile: (x, v = the normalised input, w (1, BS), silu(z), silu'(z), dy, dyn = dy
+    through the gate after the norm, dxr = dyn * w). Unused results are placeholders."""
+    x = _load_rows(x_ptr, rows, cols, mask, s_xm, ACC)
+    v, gate, dsilu, dy, dyn, dxr = x, x, x, x, x, x
+    w = tl.zeros_like(cols[None, :]).to(ACC) + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
+    if HAS_Z:
+        z = _load_rows(z_ptr, rows, cols, mask, s_zm, ACC)
+        sig = tl.sigmoid(z)
+        gate = z * sig
+        dsilu = sig * (1.0 + z * (1.0 - sig))
+        if not NORM_BEFORE_GATE:
+            v = x * gate
+    if BACKWARD:
+        dy = _load_rows(dy_ptr, rows, cols, mask, D, ACC)
+        dyn = dy
+        if HAS_Z and NORM_BEFORE_GATE:
+            dyn = dy * gate
+        dxr = dyn
+        if HAS_W:
+            dxr = dyn * w
+    return x, v, w, gate, dsilu, dy, dyn, dxr
+
+
+@triton.jit
+def _fwd_out(v, w, gate, rstd, HAS_Z: tl.constexpr, HAS_W: tl.constexpr,
+             NORM_BEFORE_GATE: tl.constexpr):  # fmt: skip
+    y = v * rstd[:, None]
+    if HAS_W:
+        y = y * w
+    if HAS_Z and NORM_BEFORE_GATE:
+        y = y * gate
+    return y
+
+
+@triton.jit
+def _bwd_out(x, v, w, gate, dsilu, dy, dyn, dxr, rstd, cc, HAS_Z: tl.constexpr,
+             HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr):  # fmt: skip
+    """(dx, dz, this tile's dweight terms (BS)) from a tile and the row statistics rstd and
+    cc = mean(dxhat * xhat) over the group."""
+    xhat = v * rstd[:, None]
+    dv = (dxr - xhat * cc[:, None]) * rstd[:, None]
+    dx, dz = dv, dv
+    if HAS_Z:
+        if NORM_BEFORE_GATE:
+            yn = xhat
+            if HAS_W:
+                yn = xhat * w
+            dz = dy * yn * dsilu
+        else:
+            dx = dv * gate
+            dz = dv * x * dsilu
+    return dx, dz, tl.sum(dyn * xhat, axis=0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, cols, mask, D, v):
+    off = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(ptr + off, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_rmsnorm_fwd_kernel(
     x_ptr, z_ptr, w_ptr, y_ptr, M, D, S, eps, s_xm, s_zm,
     HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr,
+    ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
 ):  # fmt: skip
-    """Program (row block, group g): y (M, D) contiguous."""
+    """Program (row block, group g): y (M, D) contiguous. A group of NC > 1 column chunks is
+    read twice (sum of squares, then output) to bound the registers."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    offs = tl.arange(0, BS)
-    cols = tl.program_id(1) * S + offs
-    mask = (rows < M)[:, None] & (offs < S)[None, :]
-    v = _load_rows(x_ptr, rows, cols, mask, s_xm, ACC)
-    if HAS_Z:
-        z = _load_rows(z_ptr, rows, cols, mask, s_zm, ACC)
-        gate = z * tl.sigmoid(z)
-        if not NORM_BEFORE_GATE:
-            v = v * gate
-    rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / S + eps)
-    y = v * rstd[:, None]
-    if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=offs < S, other=0.0).to(ACC)[None, :]
-    if HAS_Z and NORM_BEFORE_GATE:
-        y = y * gate
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
+    g = tl.program_id(1)
+    if NC == 1:
+        cols, mask_c, mask = _tile(rows, 0, g, M, S, BS)
+        _, v, w, gate, _, _, _, _ = _prep(
+            x_ptr, z_ptr, x_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+            HAS_Z, HAS_W, NORM_BEFORE_GATE, False, ACC,
+        )  # fmt: skip
+        rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / S + eps)
+        y = _fwd_out(v, w, gate, rstd, HAS_Z, HAS_W, NORM_BEFORE_GATE)
+        _store_rows(y_ptr, rows, cols, mask, D, y)
+    else:
+        ss = tl.zeros((BM,), dtype=ACC)
+        for c in range(NC):
+            cols, mask_c, mask = _tile(rows, c, g, M, S, BS)
+            _, v, _, _, _, _, _, _ = _prep(
+                x_ptr, z_ptr, x_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+                HAS_Z, HAS_W, NORM_BEFORE_GATE, False, ACC,
+            )  # fmt: skip
+            ss += tl.sum(v * v, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / S + eps)
+        for c in range(NC):
+            cols, mask_c, mask = _tile(rows, c, g, M, S, BS)
+            _, v, w, gate, _, _, _, _ = _prep(
+                x_ptr, z_ptr, x_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+                HAS_Z, HAS_W, NORM_BEFORE_GATE, False, ACC,
+            )  # fmt: skip
+            y = _fwd_out(v, w, gate, rstd, HAS_Z, HAS_W, NORM_BEFORE_GATE)
+            _store_rows(y_ptr, rows, cols, mask, D, y)
 
 
 @triton.jit
 def _gated_rmsnorm_bwd_kernel(
     dy_ptr, x_ptr, z_ptr, w_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, S, eps, s_xm, s_zm,
     HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-    ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, ITERS: tl.constexpr,
+    ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
+    ITERS: tl.constexpr,
 ):  # fmt: skip
     """Program (run r of ITERS row blocks, group g): dx and dz (M, D) contiguous, partial
-    dweight (n_runs, D) in fp32 (or fp64)."""
+    dweight (n_runs, D) in fp32 (or fp64); this program alone writes its row of partials (with
+    NC > 1 column chunks it adds to it, so the buffer starts at zero)."""
     r = tl.program_id(0)
-    offs = tl.arange(0, BS)
-    cols = tl.program_id(1) * S + offs
-    mask_c = offs < S
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
+    g = tl.program_id(1)
     dw_acc = tl.zeros((BS,), dtype=ACC)
     for i in range(ITERS):
         rows = (r * ITERS + i) * BM + tl.arange(0, BM)
-        mask = (rows < M)[:, None] & mask_c[None, :]
-        x = _load_rows(x_ptr, rows, cols, mask, s_xm, ACC)
-        dy = _load_rows(dy_ptr, rows, cols, mask, D, ACC)
-        v = x
-        if HAS_Z:
-            z = _load_rows(z_ptr, rows, cols, mask, s_zm, ACC)
-            sig = tl.sigmoid(z)
-            gate = z * sig
-            dsilu = sig * (1.0 + z * (1.0 - sig))
-            if not NORM_BEFORE_GATE:
-                v = x * gate
-        rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / S + eps)
-        xhat = v * rstd[:, None]
-        dyn = dy
-        if HAS_Z and NORM_BEFORE_GATE:
-            yn = xhat
-            if HAS_W:
-                yn = xhat * w
-            dz = dy * yn * dsilu
-            dyn = dy * gate
-        dw_acc += tl.sum(dyn * xhat, axis=0)
-        dxhat = dyn
-        if HAS_W:
-            dxhat = dyn * w
-        c = tl.sum(dxhat * xhat, axis=1) / S
-        dv = (dxhat - xhat * c[:, None]) * rstd[:, None]
-        dx = dv
-        if HAS_Z and not NORM_BEFORE_GATE:
-            dx = dv * gate
-            dz = dv * x * dsilu
-        off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_Z:
-            tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    if HAS_W:
+        if NC == 1:
+            cols, mask_c, mask = _tile(rows, 0, g, M, S, BS)
+            x, v, w, gate, dsilu, dy, dyn, dxr = _prep(
+                x_ptr, z_ptr, dy_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+                HAS_Z, HAS_W, NORM_BEFORE_GATE, True, ACC,
+            )  # fmt: skip
+            rstd = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / S + eps)
+            cc = tl.sum(dxr * v, axis=1) * rstd / S
+            dx, dz, dw = _bwd_out(x, v, w, gate, dsilu, dy, dyn, dxr, rstd, cc, HAS_Z, HAS_W,
+                                  NORM_BEFORE_GATE)  # fmt: skip
+            _store_rows(dx_ptr, rows, cols, mask, D, dx)
+            if HAS_Z:
+                _store_rows(dz_ptr, rows, cols, mask, D, dz)
+            dw_acc += dw
+        else:
+            ss = tl.zeros((BM,), dtype=ACC)
+            sdv = tl.zeros((BM,), dtype=ACC)
+            for c in range(NC):
+                cols, mask_c, mask = _tile(rows, c, g, M, S, BS)
+                _, v, _, _, _, _, _, dxr = _prep(
+                    x_ptr, z_ptr, dy_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+                    HAS_Z, HAS_W, NORM_BEFORE_GATE, True, ACC,
+                )  # fmt: skip
+                ss += tl.sum(v * v, axis=1)
+                sdv += tl.sum(dxr * v, axis=1)
+            rstd = 1.0 / tl.sqrt(ss / S + eps)
+            cc = sdv * rstd / S
+            for c in range(NC):
+                cols, mask_c, mask = _tile(rows, c, g, M, S, BS)
+                x, v, w, gate, dsilu, dy, dyn, dxr = _prep(
+                    x_ptr, z_ptr, dy_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
+                    HAS_Z, HAS_W, NORM_BEFORE_GATE, True, ACC,
+                )  # fmt: skip
+                dx, dz, dw = _bwd_out(x, v, w, gate, dsilu, dy, dyn, dxr, rstd, cc, HAS_Z,
+                                      HAS_W, NORM_BEFORE_GATE)  # fmt: skip
+                _store_rows(dx_ptr, rows, cols, mask, D, dx)
+                if HAS_Z:
+                    _store_rows(dz_ptr, rows, cols, mask, D, dz)
+                if HAS_W:
+                    dw_ptrs = dw_part_ptr + r * D + cols
+                    tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask_c) + dw, mask=mask_c)
+    if HAS_W and NC == 1:
+        cols, mask_c, _ = _tile(tl.arange(0, BM), 0, g, M, S, BS)
         tl.store(dw_part_ptr + r * D + cols, dw_acc, mask=mask_c)
 
 
@@ -137,17 +233,25 @@ def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _blocks(S: int) -> tuple[int, int, int]:
-    """(BM, BS, num_warps): about 4K elements per program; small under the interpreter."""
-    BS = triton.next_power_of_2(S)
-    if BS > MAX_GROUP_BLOCK:
-        raise ValueError(
-            f"gated_rmsnorm_triton: group size {S} is above {MAX_GROUP_BLOCK}; use impl='torch'"
-        )
+def _blocks(group_size: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BM rows, BS columns, NC column chunks per group, num_warps) of a program. A group of
+    up to MAX_COLS columns is one chunk, in tiles of about `elems` elements; a wider one is
+    walked in chunks of LOOP_COLS columns, `loop_rows` rows at a time. The sizes keep the
+    kernels under ~128 registers a thread on sm_90 (no spills). Under the interpreter, tiny
+    blocks so that small tests take both paths."""
     if INTERPRETED:
-        return 4, BS, 1
-    BM = max(1, min(64, 4096 // BS))
-    return BM, BS, min(max(BM * BS // 256, 1), 8)
+        max_cols, loop_cols, loop_rows, elems, per_thread = 8, 8, 4, 32, 32
+    elif backward:
+        max_cols, loop_cols, loop_rows, elems, per_thread = 1024, LOOP_COLS, 2, 1024, 4
+    else:
+        max_cols, loop_cols, loop_rows, elems, per_thread = 8192, LOOP_COLS, 8, 4096, 16
+    if group_size <= max_cols:
+        BS = triton.next_power_of_2(group_size)
+        BM = max(1, min(64, elems // BS))
+    else:
+        BS, BM = loop_cols, loop_rows
+    num_warps = min(max(BM * BS // (32 * per_thread), 1), 16)
+    return BM, BS, triton.cdiv(group_size, BS), num_warps
 
 
 def _iters(n_mblocks: int, G: int, device: torch.device) -> int:
@@ -189,13 +293,13 @@ def _gated_rmsnorm_fwd(
     y = x.new_empty(x.shape)
     if M * D == 0:
         return y
-    BM, BS, num_warps = _blocks(group_size)
+    BM, BS, NC, num_warps = _blocks(group_size, backward=False)
     with device_guard(x):
         _gated_rmsnorm_fwd_kernel[(triton.cdiv(M, BM), G)](
             x2, z2, weight, y, M, D, group_size, eps, x2.stride(0),
             z2.stride(0) if z2 is not None else 0,
             HAS_Z=z is not None, HAS_W=weight is not None, NORM_BEFORE_GATE=norm_before_gate,
-            ACC=_acc_dtype(x.dtype), BM=BM, BS=BS, num_warps=num_warps,
+            ACC=_acc_dtype(x.dtype), BM=BM, BS=BS, NC=NC, num_warps=num_warps,
         )  # fmt: skip
     return y
 
@@ -215,7 +319,7 @@ def _gated_rmsnorm_bwd(
     M, G = x2.shape[0], D // group_size
     dx = x.new_empty(x.shape)
     dz = z.new_empty(z.shape) if z is not None else None
-    BM, BS, num_warps = _blocks(group_size)
+    BM, BS, NC, num_warps = _blocks(group_size, backward=True)
     n_mblocks = triton.cdiv(M, BM)
     iters = _iters(n_mblocks, G, x.device)
     n_runs = triton.cdiv(n_mblocks, iters)
@@ -228,7 +332,7 @@ def _gated_rmsnorm_bwd(
                 z2.stride(0) if z2 is not None else 0,
                 HAS_Z=z is not None, HAS_W=weight is not None,
                 NORM_BEFORE_GATE=norm_before_gate, ACC=_acc_dtype(x.dtype), BM=BM, BS=BS,
-                ITERS=iters, num_warps=num_warps,
+                NC=NC, ITERS=iters, num_warps=num_warps,
             )  # fmt: skip
     dw = dw_part.sum(0).to(weight.dtype) if dw_part is not None else None
     return dx, dz, dw
