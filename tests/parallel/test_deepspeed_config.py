@@ -4,6 +4,9 @@ preconditions, and checkpoints that carry an engine's extra files."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -186,3 +189,30 @@ def test_tmp_dir_must_come_from_begin_save_of_that_step(tmp_path):
     tmp = begin_save(tmp_path, 5)
     with pytest.raises(ValueError, match="begin_save"):
         save_checkpoint(tmp_path, 6, **_state(6), tmp_dir=tmp)
+
+
+@pytest.mark.slow
+def test_deepspeed_rejecting_the_merged_config_is_one_line_and_exit_2(tmp_path):
+    """A value DeepSpeed's own validation refuses (here through the free-form block) stops the
+    run before training with one line naming parallel.deepspeed and the written config."""
+    recipe = {
+        "model": {"d_model": 32, "vocab_size": 257, "layout": {"pattern": "*-"}},
+        "data": {"sources": [{"kind": "stdlib", "max_files": 5}]},
+        "train": {"seq_len": 32, "micro_batch_size": 1, "steps": 1},
+        "parallel": {
+            "backend": "deepspeed",
+            "zero_stage": 1,
+            "deepspeed": {"zero_optimization": {"reduce_bucket_size": "abc"}},
+        },
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYBRID_CACHE": str(tmp_path / "cache")}
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "hybrid.cli", "train", str(path), "--run-dir", run_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("hybrid train: error: parallel.deepspeed: DeepSpeed rejected")
+    assert "reduce_bucket_size" in last and "deepspeed_config.json" in last
