@@ -52,15 +52,23 @@ class Row:
     note: str = ""
 
 
-def load_mamba_ssm():
-    """mamba_ssm's Triton SSD, imported without its CUDA extensions; None if not installed."""
+def register_mamba_ssm() -> bool:
+    """Register the mamba_ssm package without running its __init__ (which imports CUDA
+    extensions), so its Triton kernels import alone; False if mamba_ssm is not installed."""
     spec = importlib.util.find_spec("mamba_ssm")
     if spec is None or not spec.submodule_search_locations:
-        return None
+        return False
     if "mamba_ssm" not in sys.modules:
         pkg = types.ModuleType("mamba_ssm")
         pkg.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = pkg
+    return True
+
+
+def load_mamba_ssm():
+    """mamba_ssm's Triton SSD, imported without its CUDA extensions; None if not installed."""
+    if not register_mamba_ssm():
+        return None
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
     return mamba_chunk_scan_combined

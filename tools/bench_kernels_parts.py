@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,13 +72,10 @@ def load_causal_conv1d() -> Fn | None:
 
 def load_mamba_rmsnorm() -> Fn | None:
     """mamba_ssm's Triton gated RMSNorm, imported without its CUDA extensions; None if absent."""
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None or not spec.submodule_search_locations:
+    from bench_kernels import register_mamba_ssm
+
+    if not register_mamba_ssm():
         return None
-    if "mamba_ssm" not in sys.modules:
-        pkg = types.ModuleType("mamba_ssm")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["mamba_ssm"] = pkg
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
 
     return rmsnorm_fn
