@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hybrid.model.lm import IGNORE_INDEX
 from hybrid.recipe.schema import ConfigError
 
 
@@ -42,6 +43,15 @@ class Backend(ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different data (the world size unless model-parallel)."""
+        return self.world_size
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.rank
+
     # -- building ------------------------------------------------------------------------------
     @abstractmethod
     def parallelize(self, model: nn.Module) -> nn.Module:
@@ -55,6 +65,43 @@ class Backend(ABC):
         return module
 
     # -- one step ------------------------------------------------------------------------------
+    def forward_backward(
+        self,
+        module: nn.Module,
+        batches: list[dict[str, Tensor]],
+        *,
+        precision: str,
+        total_tokens: float,
+    ) -> tuple[Tensor, Tensor, dict]:
+        """Forward and backward over this rank's micro-batches (already on the device). Each
+        micro-batch loss is scaled so the summed gradient is the mean over the `total_tokens`
+        label tokens of the global batch; MoE aux losses are averaged over micro-batches.
+        Returns (sum of token losses, mean aux loss, per-MoE-layer stats averaged over
+        micro-batches) for this rank. A pipeline backend replaces the loop by its schedule."""
+        n_micro = len(batches)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        moe: dict = {}
+        for i, batch in enumerate(batches):
+            last = i == n_micro - 1
+            with self.no_sync(module, last_micro_step=last), self.autocast(precision):
+                out = module(
+                    batch["input_ids"],
+                    labels=batch["labels"],
+                    seq_idx=batch.get("seq_idx"),
+                    return_logits=False,
+                )
+                n_valid = float((batch["labels"] != IGNORE_INDEX).sum())
+                # DDP averages gradients over ranks: scale up by the world size
+                loss = out.loss * (n_valid * self.data_parallel_size / total_tokens)
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss / n_micro
+                    aux_sum += out.aux_loss.detach() / n_micro
+                    merge_moe_stats(moe, out.moe, n_micro)
+                self.backward(module, loss)
+            loss_sum += out.loss.detach() * n_valid
+        return loss_sum, aux_sum, moe
+
     def no_sync(
         self, module: nn.Module, last_micro_step: bool
     ) -> contextlib.AbstractContextManager:
@@ -133,6 +180,8 @@ class Backend(ABC):
 
     # -- collectives ---------------------------------------------------------------------------
     def all_reduce_sum(self, value: Tensor) -> Tensor:
+        """Sum of a per-replica value over the data-parallel ranks (the whole world unless the
+        backend is model-parallel; model-parallel ranks of one replica hold the same value)."""
         return value
 
     def barrier(self) -> None:
@@ -159,3 +208,12 @@ def iter_sublayers(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
     if layers is None:
         raise TypeError("expected a HybridLM with a .layers ModuleList")
     yield from enumerate(layers)
+
+
+def merge_moe_stats(acc: dict, moe: dict, n_micro: int) -> None:
+    """Accumulate one micro-batch's MoE stats (load, router entropy, dropped) into `acc`."""
+    for idx, stats in moe.items():
+        slot = acc.setdefault(idx, {"load": 0.0, "entropy": 0.0, "dropped": 0.0})
+        slot["load"] = slot["load"] + stats.expert_load.float() / n_micro
+        slot["entropy"] = slot["entropy"] + float(stats.router_entropy) / n_micro
+        slot["dropped"] = slot["dropped"] + float(stats.dropped_fraction) / n_micro

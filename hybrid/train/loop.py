@@ -85,7 +85,7 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
     """Build backend, tokenizer check, model, optimizer, schedule and data for `recipe`."""
     t = recipe.train
     backend = build_backend(recipe, run_dir)
-    t.grad_accum_steps(backend.world_size)  # fail before building anything
+    t.grad_accum_steps(backend.data_parallel_size)  # fail before building anything
     torch.manual_seed(t.seed)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     if tokenizer.vocab_size > recipe.model.vocab_size:
@@ -105,8 +105,8 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
         seq_len=t.seq_len,
         micro_batch_size=t.micro_batch_size,
         seed=t.seed,
-        rank=backend.rank,
-        world_size=backend.world_size,
+        rank=backend.data_parallel_rank,
+        world_size=backend.data_parallel_size,
     )
     val = build_validation_batches(
         recipe.data,
@@ -114,8 +114,8 @@ def setup(recipe: Recipe, run_dir: Path) -> Session:
         seq_len=t.seq_len,
         micro_batch_size=t.micro_batch_size,
         num_batches=t.eval_batches,
-        rank=backend.rank,
-        world_size=backend.world_size,
+        rank=backend.data_parallel_rank,
+        world_size=backend.data_parallel_size,
     )
     figures = model_figures(recipe.model, seq_len=t.seq_len, context=t.seq_len)
     if backend.is_main:
@@ -225,7 +225,7 @@ def restore(s: Session, path: Path) -> None:
 
 
 def next_batches(s: Session) -> list:
-    n = s.recipe.train.grad_accum_steps(s.backend.world_size)
+    n = s.recipe.train.grad_accum_steps(s.backend.data_parallel_size)
     return [next(s.loader) for _ in range(n)]
 
 
