@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = {
         "fwd y": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, D, None, *common, **fwd, **c),
-            [dict(block_p=p, num_warps=w, num_stages=s) for p in (16, 32, 64) for w in (4, 8)
-             for s in (1, 2)],
+            [dict(block_p=p, num_warps=w, num_stages=s, cb=cb) for p in (16, 32, 64)
+             for w in (4, 8) for s in (1, 2) for cb in (False, True)],
         ),
         "bwd states": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
-            [dict(dx_block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (4, 8)
-             for s in (1, 2)],
+            [dict(dx_block_n=n, num_warps=w, num_stages=s, cb=cb) for n in (32, 64)
+             for w in (4, 8) for s in (1, 2) for cb in (False, True)],
         ),
         "dB dC": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),

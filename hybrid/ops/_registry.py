@@ -53,9 +53,13 @@ class Impl:
     supports: Callable[[torch.device], bool]
     priority: int
     auto: Callable[[torch.device], bool] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any
 
     def chosen_automatically(self, device: torch.device) -> bool:
         return self.supports(device) and (self.auto is None or self.auto(device))
+
+    def takes(self, dtype: torch.dtype | None) -> bool:
+        return dtype is None or self.dtypes is None or dtype in self.dtypes
 
 
 class Op:
@@ -76,12 +80,15 @@ class Op:
         supports: Callable[[torch.device], bool] = any_device,
         priority: int = 0,
         auto: Callable[[torch.device], bool] | None = None,
+        dtypes: tuple[torch.dtype, ...] | None = None,
     ) -> Impl:
         """Add implementation `name`; a higher `priority` wins automatic selection among those
-        whose `auto(device)` (default: `supports(device)`) holds."""
+        whose `auto(device)` (default: `supports(device)`) holds and that take the input's dtype
+        (`dtypes`, None: any)."""
         if name in self._impls:
             raise ValueError(f"{self.name} implementation {name!r} is already registered")
-        impl = Impl(name=name, fn=fn, supports=supports, priority=priority, auto=auto)
+        impl = Impl(name=name, fn=fn, supports=supports, priority=priority, auto=auto,
+                    dtypes=dtypes)  # fmt: skip
         self._impls[name] = impl
         return impl
 
@@ -95,8 +102,14 @@ class Op:
         impls = sorted(self._impls.values(), key=lambda i: -i.priority)
         return [i for i in impls if i.supports(device)]
 
-    def select(self, device: torch.device | str, requested: str | None = None) -> Impl:
-        """The implementation to run on `device` (see the module docstring for the order)."""
+    def select(
+        self,
+        device: torch.device | str,
+        requested: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Impl:
+        """The implementation to run on `device` for inputs of `dtype` (see the module
+        docstring for the order)."""
         device = torch.device(device)
         source = "requested"
         if requested is None:
@@ -110,10 +123,17 @@ class Op:
                     f"{self.name} implementation {requested!r} is not available on "
                     f"{device.type}; available: {available}"
                 )
+            if not impl.takes(dtype):
+                raise ValueError(
+                    f"{self.name} implementation {requested!r} does not take {dtype} inputs; "
+                    f"it takes {', '.join(str(d) for d in impl.dtypes or ())}"
+                )
             if source != "requested":
                 self._log_once(impl, device, source)
             return impl
-        available = [i for i in self.available(device) if i.chosen_automatically(device)]
+        available = [
+            i for i in self.available(device) if i.chosen_automatically(device) and i.takes(dtype)
+        ]
         if not available:
             raise ValueError(
                 f"no {self.name} implementation is available on {device.type}; "
@@ -157,9 +177,12 @@ def register(
     supports: Callable[[torch.device], bool] = any_device,
     priority: int = 0,
     auto: Callable[[torch.device], bool] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> Impl:
     """Register implementation `name` of op `op` (see `Op.register`)."""
-    return get_op(op).register(name, fn, supports=supports, priority=priority, auto=auto)
+    return get_op(op).register(
+        name, fn, supports=supports, priority=priority, auto=auto, dtypes=dtypes
+    )
 
 
 def parse_forced(value: str) -> dict[str, str]:

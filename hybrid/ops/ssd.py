@@ -23,7 +23,14 @@ SSD.register("torch", torch.compiler.disable(ssd_chunked_ref))
 if triton_available():  # without triton only the PyTorch reference is registered
     from hybrid_kernels.ssd_triton import ssd_triton
 
-    SSD.register("triton", ssd_triton, supports=supports_triton, auto=auto_triton, priority=10)
+    SSD.register(
+        "triton",
+        ssd_triton,
+        supports=supports_triton,
+        auto=auto_triton,
+        priority=10,
+        dtypes=(torch.float32, torch.bfloat16, torch.float16),  # fp64 (checks) runs the reference
+    )
 SSD_STEP = define_op("ssd_step")
 SSD_STEP.register("torch", ssd_step_ref)
 
@@ -53,7 +60,7 @@ def ssd(
     Returns y (B, L, H, P) in x's dtype, and with `return_final_states` the final state
     (B, H, P, N) in fp32 (fp64 for fp64 inputs). `impl` names an implementation to use.
     """
-    fn = SSD.select(x.device, impl).fn
+    fn = SSD.select(x.device, impl, x.dtype).fn
     return fn(
         x,
         dt,

@@ -114,7 +114,7 @@ def _conv1d_fwd_kernel(
                  s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
                  K, HAS_BIAS, HAS_SEQ, HAS_INIT, ACC)  # fmt: skip
     if SILU:
-        a = a * tl.sigmoid(a)
+        a = a / (1.0 + tl.exp(-a))  # silu; tl.sigmoid is fp32 on GPU even for fp64
     off_y = (b * L + t.to(tl.int64))[:, None] * D + d[None, :]
     tl.store(y_ptr + off_y, a.to(y_ptr.dtype.element_ty), mask=(t < L)[:, None] & mask_d[None, :])
     if W > 0:  # noqa: SIM102 (a compile-time test around a run-time one)
@@ -144,7 +144,7 @@ def _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, b, q, d, mask_d, L, D
         a = _pre_act(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, b, q, d, mask_d, L,
                      s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
                      K, HAS_BIAS, HAS_SEQ, HAS_INIT, ACC)  # fmt: skip
-        sig = tl.sigmoid(a)
+        sig = 1.0 / (1.0 + tl.exp(-a))
         g = g * sig * (1.0 + a * (1.0 - sig))
     return g
 

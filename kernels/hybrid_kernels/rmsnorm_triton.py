@@ -73,7 +73,7 @@ def _prep(x_ptr, z_ptr, dy_ptr, w_ptr, rows, cols, mask, mask_c, D, s_xm, s_zm,
         w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(ACC)[None, :]
     if HAS_Z:
         z = _load_rows(z_ptr, rows, cols, mask, s_zm, ACC)
-        sig = tl.sigmoid(z)
+        sig = 1.0 / (1.0 + tl.exp(-z))  # (tl.sigmoid computes in fp32 on GPU, even for fp64)
         gate = z * sig
         dsilu = sig * (1.0 + z * (1.0 - sig))
         if not NORM_BEFORE_GATE:

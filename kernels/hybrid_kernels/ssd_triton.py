@@ -40,6 +40,7 @@ from hybrid_kernels.ssd_ref import _check_shapes
 
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
 FWD_CHUNK = 64  # chunk of the forward scan
+CB_MIN_N = 256  # from this state size on, C B^T is computed once per chunk and group
 DEFAULT_DT_LIMIT = (0.0, math.inf)
 
 
@@ -90,6 +91,12 @@ def _o_off(b, pos, h, offs_p, L, H, P):
 
 
 @triton.jit
+def _cb_off(b, c, g, offs_q, nchunks, G, Q: tl.constexpr):
+    """Offsets of chunk c, group g in a contiguous (B, C, G, Q, Q) tensor of C B^T."""
+    return (((b * nchunks + c) * G + g) * Q + offs_q[:, None]) * Q + offs_q[None, :]
+
+
+@triton.jit
 def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
     """Offsets into a contiguous (B, C, H, P, N) per-chunk state tensor."""
     return (((b * nchunks + c) * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
@@ -97,14 +104,14 @@ def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
 
 @triton.jit
 def _ssd_scan_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, init_ptr, seq_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, init_ptr, seq_ptr, cb_ptr,
     y_ptr, ypre_ptr, final_ptr, states_ptr, decay_ptr,
-    L, H, P, N, R, nchunks, seg_chunks, dt_min, dt_max,
+    L, H, P, N, R, G, nchunks, seg_chunks, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_YPRE: tl.constexpr, STORE_STATES: tl.constexpr,
-    WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr,
+    WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr, HAS_CB: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (P block, b * H + h, segment): walk the segment's chunks, carrying the state in
@@ -163,7 +170,10 @@ def _ssd_scan_fwd_kernel(
             w = tl.where(seq == seq_last, w, 0.0)
         if WRITE_Y:
             Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
-            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+            if HAS_CB:
+                CB = tl.load(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q))
+            else:
+                CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
             keep = causal
             if HAS_SEQ:
                 keep = keep & (seq[:, None] == seq[None, :])
@@ -296,11 +306,11 @@ def _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z: tl.
 @triton.jit
 def _ssd_dx_bwd_kernel(
     x_ptr, dy_ptr, z_ptr, ypre_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dtb_ptr, seq_ptr,
-    states_ptr, dstates_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
-    L, H, P, N, R, nchunks, dt_min, dt_max,
+    cb_ptr, states_ptr, dstates_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
+    L, H, P, N, R, G, nchunks, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
-    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_CB: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (b * C + c, h): dx, dz, ddt (raw dt) of chunk c and head h, and the partial
@@ -320,7 +330,10 @@ def _ssd_dx_bwd_kernel(
     )
     row_mask = valid[:, None] & mask_p[None, :]
     # N contractions: CB = C B^T, sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>.
-    CB = tl.zeros((Q, Q), dtype=tl.float32)
+    if HAS_CB:
+        CB = tl.load(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q))
+    else:
+        CB = tl.zeros((Q, Q), dtype=tl.float32)
     sB = tl.zeros((Q, BP), dtype=tl.float32)
     CH = tl.zeros((Q, BP), dtype=tl.float32)
     hs = tl.zeros((BP,), dtype=tl.float32)
@@ -333,7 +346,8 @@ def _ssd_dx_bwd_kernel(
         st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
         Hprev = tl.load(states_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         dS = tl.load(dstates_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-        CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+        if not HAS_CB:
+            CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
         sB += tl.dot(Bm, tl.trans(dS.to(Bm.dtype)), input_precision=PREC)
         CH += tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
         hs += tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32), axis=1)
@@ -407,6 +421,7 @@ def _ssd_dbc_bwd_kernel(
     Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
     dB_acc = tl.zeros((Q, BNB), dtype=tl.float32)
     dC_acc = tl.zeros((Q, BNB), dtype=tl.float32)
+    dCB_acc = tl.zeros((Q, Q), dtype=tl.float32)
     h_start = g * R + pid_s * heads_per_split
     h_end = tl.minimum(h_start + heads_per_split, (g + 1) * R)
     for h in range(h_start, h_end):
@@ -426,11 +441,13 @@ def _ssd_dbc_bwd_kernel(
         st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
         Hprev = tl.load(states_ptr + st_off, mask=mask_pn, other=0.0)
         dS = tl.load(dstates_ptr + st_off, mask=mask_pn, other=0.0)
-        dCB = (tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :]).to(xm.dtype)
+        # the group's heads share B and C: sum d(C B^T) over heads, contract with B, C once
+        dCB_acc += tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :]
         dC_acc += scale[:, None] * tl.dot(dyc, Hprev.to(xm.dtype), input_precision=PREC)
-        dC_acc += tl.dot(dCB, Bm, input_precision=PREC)
         dB_acc += (gS * dt)[:, None] * tl.dot(xm, dS.to(xm.dtype), input_precision=PREC)
-        dB_acc += tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+    dCB = dCB_acc.to(Bm.dtype)
+    dC_acc += tl.dot(dCB, Bm, input_precision=PREC)
+    dB_acc += tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
     batch = tl.num_programs(1) // nchunks
     dst = (((pid_s * batch + b) * L + pos[:, None]) * G + g) * N + offs_n[None, :]
     tl.store(dB_ptr + dst, dB_acc, mask=bc_mask)
@@ -497,10 +514,29 @@ def _flags(D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softpl
     )
 
 
+def _use_cb(N: int, cb: bool | None) -> bool:
+    """Whether to take C B^T from `_chunk_cb` (computed once per chunk and group) instead of
+    recomputing it in every head's program: pays off when N is large."""
+    return cb if cb is not None else N >= CB_MIN_N
+
+
+def _chunk_cb(B: Tensor, C: Tensor, chunk: int) -> Tensor:
+    """C B^T within every chunk and group: (B, nchunks, G, Q, Q) fp32, zero past L."""
+    batch, L, G, N = B.shape
+    nchunks = triton.cdiv(L, chunk)
+    pad = nchunks * chunk - L
+
+    def blocks(t: Tensor) -> Tensor:  # (B, L, G, N) -> (B, nchunks, G, Q, N)
+        t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
+        return t.view(batch, nchunks, chunk, G, N).transpose(2, 3).float()
+
+    return torch.matmul(blocks(C), blocks(B).transpose(-1, -2)).contiguous()
+
+
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
               *, write_y: bool, write_ypre: bool, store_states: bool, chunk: int = FWD_CHUNK,
               block_p: int | None = None, segments: int | None = None, num_warps: int = 4,
-              num_stages: int = 1):  # fmt: skip
+              num_stages: int = 1, cb: bool | None = None):  # fmt: skip
     """Launch `_ssd_scan_fwd_kernel`. Returns (y, ypre, final (B, H, P, N) fp32, states
     (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`).
 
@@ -523,6 +559,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
         chunk=chunk, BP=BP, BN=BN, seg_chunks=seg_chunks, S=S, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
+    CB = _chunk_cb(B, C, chunk) if write_y and _use_cb(N, cb) else None
     starts, final = init, None
     if S > 1:
         seg_final = torch.empty(batch, S, H, P, N, **f32)
@@ -536,9 +573,9 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
         states = torch.empty(batch, nchunks, H, P, N, device=x.device, dtype=x.dtype)
     if final is None:
         final = torch.empty(batch, H, P, N, **f32)
-        launch(starts, y=y, ypre=ypre, states=states, final=final)
+        launch(starts, y=y, ypre=ypre, states=states, final=final, cb=CB)
     else:
-        launch(starts, y=y, ypre=ypre, states=states)
+        launch(starts, y=y, ypre=ypre, states=states, cb=CB)
     return y, ypre, final, states
 
 
@@ -556,20 +593,20 @@ def _chain_segments(init, seg_final, decay):
 
 def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, init,
                  *, chunk, BP, BN, seg_chunks, S, num_warps, num_stages, y=None, ypre=None,
-                 states=None, final=None, decay=None):  # fmt: skip
+                 states=None, final=None, decay=None, cb=None):  # fmt: skip
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
     grid = (triton.cdiv(P, BP), batch * H, S)
     with _device_ctx(x):
         _ssd_scan_fwd_kernel[grid](
-            x, dt, A, B, C, D, z, dt_bias, init, seq_idx, y, ypre, final, states, decay,
-            L, H, P, N, H // G, triton.cdiv(L, chunk), seg_chunks, dt_min, dt_max,
+            x, dt, A, B, C, D, z, dt_bias, init, seq_idx, cb, y, ypre, final, states, decay,
+            L, H, P, N, H // G, G, triton.cdiv(L, chunk), seg_chunks, dt_min, dt_max,
             x.stride(0), x.stride(1), x.stride(2),
             B.stride(0), B.stride(1), B.stride(2),
             *(z.stride()[:3] if z is not None else (0, 0, 0)),
             HAS_INIT=init is not None, WRITE_Y=y is not None, WRITE_YPRE=ypre is not None,
             STORE_STATES=states is not None, WRITE_FINAL=final is not None,
-            WRITE_DECAY=decay is not None,
+            WRITE_DECAY=decay is not None, HAS_CB=cb is not None,
             Q=chunk, BP=BP, BN=BN, PREC=_prec(x.dtype),
             **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
             num_warps=num_warps, num_stages=num_stages,
@@ -624,7 +661,7 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
                dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 1,
                dx_block_n: int = 64, dbc_block_n: int = 64, dbc_warps: int = 4,
                dbc_stages: int = 2, dbc_min_programs: int = 264, run_dx: bool = True,
-               run_dbc: bool = True):  # fmt: skip
+               run_dbc: bool = True, cb: bool | None = None):  # fmt: skip
     """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
@@ -649,12 +686,14 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     splits = triton.cdiv(R, hps)
     dB = torch.empty(splits, batch, L, G, N, **f32)
     dC = torch.empty(splits, batch, L, G, N, **f32)
+    CB = _chunk_cb(B, C, Q) if run_dx and _use_cb(N, cb) else None
     with _device_ctx(x):
         if run_dx:  # (the run_* switches let tools/tune_ssd.py time one kernel alone)
             _ssd_dx_bwd_kernel[(batch * nchunks, H)](
-                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
-                dx, dz, ddt, dA, dD, L, H, P, N, R, nchunks, dt_min, dt_max, *strides,
-                Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
+                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, CB, states, dstates,
+                dx, dz, ddt, dA, dD, L, H, P, N, R, G, nchunks, dt_min, dt_max, *strides,
+                Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), HAS_CB=CB is not None,
+                **flags,
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
         if run_dbc:

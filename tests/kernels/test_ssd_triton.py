@@ -241,3 +241,18 @@ def test_ssd_two_level_scan_matches_one_walk(segments: int) -> None:
     assert rel_err(y2, y1) < 1e-5
     assert rel_err(fin2, fin1) < 1e-5
     assert rel_err(st2, st1) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["not_multiple_of_chunk", "docs_init_z", "fp16"])
+def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large-N path (C B^T computed once per chunk and group, read by the forward walk and
+    the dx kernel) meets the same error bound as the in-program product."""
+    monkeypatch.setattr(triton_mod, "CB_MIN_N", 0)
+    check_against_references(CPU_CASES[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_n", [0, 10**9])
+def test_ssd_triton_cb_paths_gpu(min_n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_mod, "CB_MIN_N", min_n)
+    check_against_references(GPU_CASES["bf16_B2_L4096_H32_G4_N128"], "cuda")

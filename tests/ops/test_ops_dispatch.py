@@ -71,6 +71,16 @@ def test_priority_and_device_support():
         op.select("cpu", "cuda_only")
 
 
+def test_dtype_restricted_impl_is_skipped_automatically_and_refused_by_name():
+    op = Op("demo_dtypes")
+    op.register("any", triple)
+    op.register("low", triple, priority=5, dtypes=(torch.float32, torch.bfloat16))
+    assert op.select("cpu", dtype=torch.float32).name == "low"
+    assert op.select("cpu", dtype=torch.float64).name == "any"
+    with pytest.raises(ValueError, match="'low' does not take torch.float64 inputs"):
+        op.select("cpu", "low", torch.float64)
+
+
 def test_no_implementation_for_device_raises():
     op = Op("demo_cuda_only")
     op.register("cuda_only", triple, supports=lambda d: d.type == "cuda")
