@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
-            [dict(dx_block_n=n, num_warps=w, num_stages=s, cb=cb) for n in (32, 64)
-             for w in (4, 8) for s in (1, 2) for cb in (False, True)],
+            [dict(dx_block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (4, 8)
+             for s in (1, 2)],
         ),
         "dB dC": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),

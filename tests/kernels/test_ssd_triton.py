@@ -245,8 +245,8 @@ def test_ssd_two_level_scan_matches_one_walk(segments: int) -> None:
 
 @pytest.mark.parametrize("name", ["not_multiple_of_chunk", "docs_init_z", "fp16"])
 def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The large-N path (C B^T computed once per chunk and group, read by the forward walk and
-    the dx kernel) meets the same error bound as the in-program product."""
+    """The large-N forward (C B^T computed once per chunk and group, read by the walk) and the
+    wide dB/dC blocks meet the same error bound as the default path."""
     monkeypatch.setattr(triton_mod, "CB_MIN_N", 0)
     check_against_references(CPU_CASES[name])
 
