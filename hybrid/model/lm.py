@@ -4,20 +4,27 @@ Legend: B batch, L length, D d_model, V padded vocabulary.
 Each sublayer is `x = x + f(norm(x))` with f chosen by the layout symbol through the registry.
 Module names are the canonical checkpoint names: `embed`, `layers.{i}.norm`, `layers.{i}.mixer`,
 `norm_f`, `lm_head`.
+
+The training loss goes through the plain attribute `loss_fn(h (N,D), lm_head.weight (V,D),
+labels (N,)) -> summed token CE` (default `hybrid.ops.linear_cross_entropy`, which never holds
+the full logits), so a parallel backend can swap in its own (e.g. vocab-parallel) version. It is
+called inside the head's module call (`LMHead`), so engines that gather a module's parameters
+around its forward and backward (ZeRO-3) see the weight in use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.model.context import ForwardContext
 from hybrid.model.norm import RMSNorm
 from hybrid.model.registry import build_sublayer
+from hybrid.ops.cross_entropy import linear_cross_entropy
 from hybrid.recipe.layout import LayerSpec
 from hybrid.recipe.model_config import ModelConfig
 
@@ -37,6 +44,22 @@ class Sublayer(nn.Module):
     def forward(self, h_BLD: Tensor, ctx: ForwardContext) -> tuple[Tensor, Any]:
         y, aux = self.mixer(self.norm(h_BLD), ctx)
         return h_BLD + y, aux
+
+
+class LMHead(nn.Linear):
+    """The output projection (V, D). `head(h)` gives logits; `head(h_ND, labels=labels_N,
+    loss_fn=fn)` gives `fn(h_ND, weight, labels_N)`, the summed token cross-entropy."""
+
+    def forward(
+        self,
+        h: Tensor,
+        labels: Tensor | None = None,
+        loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        if labels is None:
+            return super().forward(h)
+        assert loss_fn is not None, "labels need a loss_fn"
+        return loss_fn(h, self.weight, labels)
 
 
 @dataclass
@@ -66,9 +89,11 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(V, D)
         self.layers = nn.ModuleList(Sublayer(spec, cfg) for spec in cfg.layers())
         self.norm_f = RMSNorm(D, cfg.norm_eps)
-        self.lm_head = nn.Linear(D, V, bias=False)
+        self.lm_head = LMHead(D, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # (h_ND, weight_VD, labels_N) -> summed CE over labelled tokens; replaceable from outside
+        self.loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] = linear_cross_entropy
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -116,16 +141,10 @@ class HybridLM(nn.Module):
 
         h, aux = self.hidden_states(input_ids, ctx)
         out = LMOutput()
-        logits = self.lm_head(h)
         if return_logits or labels is None:
-            out.logits = logits
+            out.logits = self.lm_head(h)
         if labels is not None:
-            total = F.cross_entropy(
-                logits.float().flatten(0, 1),
-                labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
+            total = self.lm_head(h.flatten(0, 1), labels=labels.flatten(), loss_fn=self.loss_fn)
             # mean over label tokens; a batch with none gives 0 (not 0/0 = NaN)
             out.loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
         if aux:
