@@ -335,6 +335,7 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
     else:
         device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     figures = model_figures(recipe.model, seq_len=seq_len, context=seq_len)
     return BenchSetup(

@@ -40,7 +40,7 @@ from hybrid_kernels.ssd_ref import _check_shapes
 
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
 FWD_CHUNK = 64  # chunk of the forward scan
-CB_MIN_N = 256  # from this N on: C B^T once per chunk and group, wider dB/dC blocks
+CB_MIN_N = 256  # from this N on, the forward walk reads C B^T computed once per chunk and group
 DEFAULT_DT_LIMIT = (0.0, math.inf)
 
 
@@ -657,17 +657,14 @@ def _heads_per_split(programs: int, R: int, min_programs: int) -> int:
 
 def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
                dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 1,
-               dx_block_n: int = 64, dbc_block_n: int | None = None,
-               dbc_warps: int | None = None, dbc_stages: int = 2, dbc_min_programs: int = 264,
+               dx_block_n: int = 64, dbc_block_n: int = 128, dbc_warps: int = 8,
+               dbc_stages: int = 2, dbc_min_programs: int = 264,
                run_dx: bool = True, run_dbc: bool = True):  # fmt: skip
     """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums.
-    dB/dC default launch: N blocks of 128 on 8 warps from N = 256 on (H100 sweep at
-    B2 L8192 H256 G8 N256: 3.3 ms against 5.4 with blocks of 64 on 4 warps)."""
+    dB/dC launch: N blocks of 128 on 8 warps (H100 sweeps: 0.45 ms against 0.70 with blocks
+    of 64 on 4 warps at B4 L4096 H64 G1 N128; 3.3 against 5.4 ms at B2 L8192 H256 G8 N256)."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
-    big = N >= CB_MIN_N
-    dbc_block_n = dbc_block_n or (128 if big else 64)
-    dbc_warps = dbc_warps or (8 if big else 4)
     R = H // G
     Q = KERNEL_CHUNK
     nchunks = triton.cdiv(L, Q)
