@@ -55,6 +55,8 @@ class Row:
 def register_mamba_ssm() -> bool:
     """Register the mamba_ssm package without running its __init__ (which imports CUDA
     extensions), so its Triton kernels import alone; False if mamba_ssm is not installed."""
+    if "mamba_ssm" in sys.modules:
+        return True
     spec = importlib.util.find_spec("mamba_ssm")
     if spec is None or not spec.submodule_search_locations:
         return False

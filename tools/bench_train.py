@@ -166,6 +166,21 @@ class BenchSetup:
     flops_per_token: float
     matmul_rate: float
     nominal_peak: float | None
+    profile_rows: int = 0
+
+
+def profile_step(step: Callable[[], object], device: torch.device, rows: int) -> None:
+    """Profile one step and print the `rows` operators with the most device time (stderr)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows), file=sys.stderr)
 
 
 def bench_ours(s: BenchSetup, *, activation_checkpointing: str, compile: bool) -> BenchResult:
@@ -195,6 +210,8 @@ def bench_ours(s: BenchSetup, *, activation_checkpointing: str, compile: bool) -
     reset_peak_memory(backend.device)
     step_s = time_steps(step, backend.device, steps=s.steps, warmup=s.warmup, label="hybrid")
     peak = memory_gb(backend.device)
+    if s.profile_rows:
+        profile_step(step, backend.device, s.profile_rows)
     return result(
         "hybrid",
         params,
@@ -318,6 +335,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--matmul-size", type=int, default=8192, help="n of the n^3 matmul timed")
     p.add_argument("--json", metavar="PATH", default=None, help="write the numbers as JSON")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="ROWS",
+        help="after timing ours, profile one step and print the ROWS costliest operators",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "matmul_size"):
         if getattr(args, name) <= 0:
@@ -348,6 +372,7 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
         flops_per_token=figures.flops_per_token,
         matmul_rate=measure_matmul_rate(device, args.matmul_size),
         nominal_peak=peak_bf16_flops(device),
+        profile_rows=args.profile,
     )
 
 
