@@ -132,13 +132,16 @@ def _conv1d_fwd_kernel(
 
 
 @triton.jit
-def _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, b, q, d, mask_d, L, D,
+def _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, b, q, d, mask_d, L, D,
         s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-        SILU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
-    """Gradient of the pre-activation at positions q (zero outside 0 <= q < L)."""
+        SILU: tl.constexpr, DA_MEM: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Gradient of the pre-activation at positions q (zero outside 0 <= q < L): read from
+    `da_ptr` (B, L, D) when DA_MEM, else recomputed from dy and, with the SiLU, x."""
     valid = (q >= 0) & (q < L)
     off = (b * L + q.to(tl.int64))[:, None] * D + d[None, :]
+    if DA_MEM:
+        return tl.load(da_ptr + off, mask=valid[:, None] & mask_d[None, :], other=0.0).to(ACC)
     g = tl.load(dy_ptr + off, mask=valid[:, None] & mask_d[None, :], other=0.0).to(ACC)
     if SILU:
         a = _pre_act(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, b, q, d, mask_d, L,
@@ -150,10 +153,11 @@ def _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, b, q, d, mask_d, L, D
 
 
 @triton.jit
-def _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, dfinal_ptr, b, p, d, mask_d, L, D,
-         s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl, s_fb, s_fd, s_fw,
-         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-         HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+def _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, dfinal_ptr, b, p, d,
+         mask_d, L, D, s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl, s_fb, s_fd,
+         s_fw, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+         HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr, SILU: tl.constexpr,
+         DA_MEM: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """Gradient of the padded input at positions p (BL): sum over the outputs that read it,
     plus the final-state gradient. Also returns da at p (the s = 0 term)."""
     W: tl.constexpr = K - 1
@@ -163,9 +167,9 @@ def _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, dfinal_ptr, b, p, d,
         doc_p = _doc(seq_ptr, b, p, L, s_sb, s_sl)
     for s in tl.static_range(K):
         q = p + s
-        g = _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, b, q, d, mask_d, L, D,
-                s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
-                K, HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, ACC)  # fmt: skip
+        g = _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, b, q, d, mask_d, L,
+                D, s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
+                K, HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, DA_MEM, ACC)  # fmt: skip
         if s == 0:
             da0 = g
         if HAS_SEQ:
@@ -185,13 +189,34 @@ def _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, dfinal_ptr, b, p, d,
 
 
 @triton.jit
+def _conv1d_da_kernel(
+    x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, L, D,
+    s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
+    ACC: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """Program (b, position block, channel block): the pre-activation gradient da = dy *
+    silu'(a) into `da_ptr` (B, L, D), so the backward reads it K times instead of recomputing
+    the convolution K times."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BL + tl.arange(0, BL)
+    d = tl.program_id(2) * BD + tl.arange(0, BD)
+    mask_d = d < D
+    g = _da(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, b, t, d, mask_d, L, D,
+            s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
+            K, HAS_BIAS, HAS_SEQ, HAS_INIT, True, False, ACC)  # fmt: skip
+    off = (b * L + t.to(tl.int64))[:, None] * D + d[None, :]
+    tl.store(da_ptr + off, g.to(da_ptr.dtype.element_ty), mask=(t < L)[:, None] & mask_d[None, :])
+
+
+@triton.jit
 def _conv1d_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, dfinal_ptr,
+    x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, dfinal_ptr,
     dx_ptr, dinit_ptr, dw_part_ptr, db_part_ptr,
     L, D, n_runs,
     s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl, s_fb, s_fd, s_fw,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, SILU: tl.constexpr, DA_MEM: tl.constexpr, ACC: tl.constexpr,
     BL: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
     """Program (b, run r of ITERS position blocks, channel block): dx (B, L, D) contiguous,
@@ -207,10 +232,10 @@ def _conv1d_bwd_kernel(
     db_acc = tl.zeros((BD,), dtype=ACC)
     for i in range(ITERS):
         t = (r * ITERS + i) * BL + tl.arange(0, BL)
-        dxv, da = _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, dfinal_ptr, b, t, d,
-                       mask_d, L, D, s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb, s_sl,
-                       s_fb, s_fd, s_fw, K, HAS_BIAS, HAS_SEQ, HAS_INIT, HAS_DFINAL, SILU,
-                       ACC)  # fmt: skip
+        dxv, da = _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr, dfinal_ptr,
+                       b, t, d, mask_d, L, D, s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw,
+                       s_sb, s_sl, s_fb, s_fd, s_fw, K, HAS_BIAS, HAS_SEQ, HAS_INIT,
+                       HAS_DFINAL, SILU, DA_MEM, ACC)  # fmt: skip
         off = (b * L + t.to(tl.int64))[:, None] * D + d[None, :]
         tl.store(dx_ptr + off, dxv.to(dx_ptr.dtype.element_ty),
                  mask=(t < L)[:, None] & mask_d[None, :])  # fmt: skip
@@ -232,10 +257,10 @@ def _conv1d_bwd_kernel(
     if HAS_INIT:  # noqa: SIM102 (a compile-time test around a run-time one)
         if r == 0:
             p = tl.arange(0, BW) - W
-            dxv, _ = _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, dfinal_ptr, b, p,
-                          d, mask_d, L, D, s_xb, s_xl, s_xd, s_wd, s_wk, s_ib, s_id, s_iw, s_sb,
-                          s_sl, s_fb, s_fd, s_fw, K, HAS_BIAS, HAS_SEQ, HAS_INIT, HAS_DFINAL,
-                          SILU, ACC)  # fmt: skip
+            dxv, _ = _dxp(x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, dy_ptr, da_ptr,
+                          dfinal_ptr, b, p, d, mask_d, L, D, s_xb, s_xl, s_xd, s_wd, s_wk, s_ib,
+                          s_id, s_iw, s_sb, s_sl, s_fb, s_fd, s_fw, K, HAS_BIAS, HAS_SEQ,
+                          HAS_INIT, HAS_DFINAL, SILU, DA_MEM, ACC)  # fmt: skip
             off_i = (b * D + d[None, :]) * W + (p + W)[:, None]
             tl.store(dinit_ptr + off_i, dxv.to(dinit_ptr.dtype.element_ty),
                      mask=(p < 0)[:, None] & mask_d[None, :])  # fmt: skip
@@ -351,15 +376,23 @@ def _conv1d_bwd(
     dw_part = x.new_empty(batch * n_runs, K, D, dtype=acc_t)
     db_part = x.new_empty(batch * n_runs, D, dtype=acc_t) if bias is not None else None
     grid = (batch, n_runs, n_dblocks)
+    strides = _strides(x, weight, seq_idx, initial_states)
+    flags = dict(K=K, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
+                 HAS_INIT=initial_states is not None, ACC=_acc_dtype(x.dtype))  # fmt: skip
+    da = None
     with device_guard(x):
+        if silu:  # the SiLU's gradient needs the convolution: compute it once, not K times
+            da = torch.empty(batch, L, D, device=x.device, dtype=acc_t)
+            _conv1d_da_kernel[(batch, n_lblocks, n_dblocks)](
+                x, weight, bias, seq_idx, initial_states, dy, da, L, D, *strides,
+                BL=BL, BD=BD, num_warps=4, **flags,
+            )  # fmt: skip
         _conv1d_bwd_kernel[grid](
-            x, weight, bias, seq_idx, initial_states, dy, dfinal if has_dfinal else None,
-            dx, dinit, dw_part, db_part, L, D, n_runs,
-            *_strides(x, weight, seq_idx, initial_states),
+            x, weight, bias, seq_idx, initial_states, dy, da, dfinal if has_dfinal else None,
+            dx, dinit, dw_part, db_part, L, D, n_runs, *strides,
             *(dfinal.stride() if has_dfinal else (0, 0, 0)),
-            K=K, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
-            HAS_INIT=initial_states is not None, HAS_DFINAL=has_dfinal, SILU=silu,
-            ACC=_acc_dtype(x.dtype), BL=BL, BD=BD, BW=BW, BK=MAX_K, ITERS=iters, num_warps=4,
+            HAS_DFINAL=has_dfinal, SILU=silu, DA_MEM=da is not None,
+            BL=BL, BD=BD, BW=BW, BK=MAX_K, ITERS=iters, num_warps=4, **flags,
         )  # fmt: skip
     dweight = dw_part.sum(0).t().to(weight.dtype).contiguous()
     dbias = db_part.sum(0).to(bias.dtype) if db_part is not None else None

@@ -242,7 +242,7 @@ def _blocks(group_size: int, backward: bool) -> tuple[int, int, int, int]:
     if INTERPRETED:
         max_cols, loop_cols, loop_rows, elems, per_thread = 8, 8, 4, 32, 32
     elif backward:
-        max_cols, loop_cols, loop_rows, elems, per_thread = 1024, LOOP_COLS, 2, 1024, 4
+        max_cols, loop_cols, loop_rows, elems, per_thread = 4096, LOOP_COLS, 2, 1024, 4
     else:
         max_cols, loop_cols, loop_rows, elems, per_thread = 8192, LOOP_COLS, 8, 4096, 16
     if group_size <= max_cols:
