@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from hybrid.model.context import ForwardContext
 from hybrid.model.norm import RMSNorm
 from hybrid.model.registry import register_sublayer
-from hybrid.ops.attention import attention, attention_mask
+from hybrid.ops.attention import attention
 from hybrid.recipe.blocks import AttentionConfig
 
 
@@ -45,14 +45,6 @@ def apply_rope(x_BLHE: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
     return torch.cat([rotated.to(x_BLHE.dtype), rest], dim=-1)
-
-
-def _one_document_per_row(ctx: ForwardContext) -> bool:
-    """Whether no row of the batch holds a document boundary (checked once per forward)."""
-    if "one_doc_per_row" not in ctx.scratch:
-        seq = ctx.seq_idx
-        ctx.scratch["one_doc_per_row"] = bool((seq[:, 0] == seq[:, -1]).all())
-    return ctx.scratch["one_doc_per_row"]
 
 
 @register_sublayer("*")
@@ -98,18 +90,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def _shared_mask(self, ctx: ForwardContext, L: int, device: torch.device) -> Tensor | None:
-        """The (shared) boolean mask for packed rows / sliding window; None = plain causal."""
-        window = self.cfg.sliding_window
-        if window is None and (ctx.seq_idx is None or _one_document_per_row(ctx)):
-            return None  # lets SDPA use its flash / cuDNN causal kernels
-        key = f"attn_mask:{L}:{window}"
-        if key not in ctx.scratch:
-            ctx.scratch[key] = attention_mask(
-                L, L, seq_idx_BL=ctx.seq_idx, window=window, device=device
-            )
-        return ctx.scratch[key]
-
     def forward(self, x_BLD: Tensor, ctx: ForwardContext) -> tuple[Tensor, None]:
         B, L, _ = x_BLD.shape
         q, k, v = self._qkv(x_BLD, ctx.positions(B, L, x_BLD.device))
@@ -120,7 +100,8 @@ class Attention(nn.Module):
                 raise ValueError("seq_idx is not supported together with a KV cache")
             out = attention(q, k, v, window=self.cfg.sliding_window)
         else:
-            out = attention(q, k, v, mask=self._shared_mask(ctx, L, x_BLD.device))
+            window = self.cfg.sliding_window
+            out = attention(q, k, v, seq_idx=ctx.seq_idx, window=window, cache=ctx.scratch)
         if ctx.states is not None:
             ctx.states[self.layer_idx] = KVState(k=k, v=v)
         return self.o_proj(out.reshape(B, L, -1)), None
