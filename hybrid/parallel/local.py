@@ -30,6 +30,22 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# Distinct compiled variants of the one `Sublayer.forward` code object: one per mixer kind, more
+# where a kind graph-breaks (MoE); Dynamo's default limit of 8 left the rest of the layers eager.
+RECOMPILE_LIMIT = 64
+
+
+def compile_sublayers(model: nn.Module) -> None:
+    """`torch.compile` each sublayer (the kernels stay custom ops inside the graphs)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    for layer in model.layers:
+        layer.compile()
+    log.info("compiled %d sublayers with torch.compile", len(model.layers))
+
+
 class LocalBackend(Backend):
     name = "local"
 
@@ -52,9 +68,7 @@ class LocalBackend(Backend):
     def parallelize(self, model: nn.Module) -> nn.Module:
         apply_activation_checkpointing(model, self.activation_checkpointing)
         if self.compile:
-            for layer in model.layers:
-                layer.compile()
-            log.info("compiled %d sublayers with torch.compile", len(model.layers))
+            compile_sublayers(model)
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids)
