@@ -54,6 +54,13 @@ def _deepspeed(recipe: Recipe, run_dir: Path) -> Backend:
     return DeepSpeedBackend.from_recipe(recipe, run_dir)
 
 
+@register_backend("megatron")
+def _megatron(recipe: Recipe, run_dir: Path) -> Backend:
+    from hybrid.parallel.megatron_backend import MegatronBackend
+
+    return MegatronBackend.from_recipe(recipe)
+
+
 def build_backend(recipe: Recipe, run_dir: Path) -> Backend:
     """The backend `recipe.parallel.backend` names, set up for this process."""
     factory = BACKENDS.get(recipe.parallel.backend)

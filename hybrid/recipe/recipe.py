@@ -32,38 +32,79 @@ DEEPSPEED_OWNED_KEYS = {
     "zero_optimization.offload_param": "parallel.offload_params",
 }
 
+# Settings only the megatron backend reads: {key: its value when unset}.
+MEGATRON_ONLY = {
+    "tp": 1,
+    "pp": 1,
+    "sequence_parallel": False,
+    "virtual_pp": None,
+    "distributed_optimizer": False,
+}
+
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     """How training is spread over devices.
 
-    backend: `local` (one process, or DDP under torchrun) or `deepspeed` (ZeRO, launched by
-    `torchrun` or the `deepspeed` launcher). ep: expert-parallel size; each MoE layer's experts
-    are split over groups of `ep` ranks with all-to-all token dispatch (deepspeed backend, ZeRO
-    stage 1 or 2; divides the world size and the number of experts). zero_stage: 0 (replicated,
-    as DDP), 1 (optimizer states sharded), 2 (and gradients), 3 (and parameters).
-    offload_optimizer: optimizer states and update on the CPU (stage >= 1); offload_params:
-    parameters on the CPU (stage 3). deepspeed: DeepSpeed config keys merged last over the
-    generated config (which is written to RUN_DIR/deepspeed_config.json), e.g.
-    `{zero_optimization: {reduce_bucket_size: 2.0e+8}}`; keys that a recipe setting owns
-    (DEEPSPEED_OWNED_KEYS) are refused.
+    backend: `local` (one process, or DDP under torchrun), `deepspeed` (ZeRO, launched by
+    `torchrun` or the `deepspeed` launcher) or `megatron` (megatron-core's tensor, sequence,
+    pipeline and expert parallelism, launched by `torchrun`). ep: expert-parallel size; each MoE
+    layer's experts are split over groups of `ep` ranks with all-to-all token dispatch
+    (deepspeed with ZeRO stage 1 or 2, or megatron; divides the number of experts).
+    deepspeed only: zero_stage: 0 (replicated, as DDP), 1 (optimizer states sharded), 2 (and
+    gradients), 3 (and parameters). offload_optimizer: optimizer states and update on the CPU
+    (stage >= 1); offload_params: parameters on the CPU (stage 3). deepspeed: DeepSpeed config
+    keys merged last over the generated config (which is written to
+    RUN_DIR/deepspeed_config.json), e.g. `{zero_optimization: {reduce_bucket_size: 2.0e+8}}`;
+    keys that a recipe setting owns (DEEPSPEED_OWNED_KEYS) are refused.
+    megatron only: tp: tensor-parallel size (divides attention heads, kv heads, Mamba heads and
+    groups, the MLP width and the padded vocabulary); pp: pipeline stages (layers split by
+    cost); the world size must be a multiple of tp * pp (the rest is data parallel; experts are
+    split over ep of the data-parallel ranks). sequence_parallel: split the residual stream along
+    the sequence over the TP group (needs tp > 1). virtual_pp: model chunks per pipeline stage
+    (the interleaved schedule; needs pp > 1). distributed_optimizer: megatron-core's DDP and
+    distributed optimizer (CUDA only).
     """
 
-    backend: Literal["local", "deepspeed"] = "local"
+    backend: Literal["local", "deepspeed", "megatron"] = "local"
     ep: int = 1
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    virtual_pp: int | None = None
+    distributed_optimizer: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check(self.ep >= 1, "ep", "must be >= 1")
+        for key in ("ep", "tp", "pp"):
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        if self.backend != "megatron":
+            for key, unset in MEGATRON_ONLY.items():
+                check(getattr(self, key) == unset, key, "needs parallel.backend: megatron")
+        if self.backend == "megatron":
+            self._check_megatron()
+        elif self.backend == "deepspeed":
+            self._check_deepspeed()
+        else:
+            check(self.ep == 1, "ep", "needs parallel.backend: deepspeed or megatron")
         if self.backend != "deepspeed":
-            for key, unset in (("ep", 1), ("zero_stage", 0), ("offload_optimizer", False)):
+            for key, unset in (("zero_stage", 0), ("offload_optimizer", False)):
                 check(getattr(self, key) == unset, key, "needs parallel.backend: deepspeed")
             check(not self.offload_params, "offload_params", "needs parallel.backend: deepspeed")
             check(not self.deepspeed, "deepspeed", "needs parallel.backend: deepspeed")
-            return
+
+    def _check_megatron(self) -> None:
+        check(
+            not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs parallel.tp > 1"
+        )
+        if self.virtual_pp is not None:
+            check(self.pp > 1, "virtual_pp", "needs parallel.pp > 1 (the interleaved schedule)")
+            check(self.virtual_pp >= 2, "virtual_pp", "must be >= 2 (or null)")
+
+    def _check_deepspeed(self) -> None:
         check(
             not self.offload_optimizer or self.zero_stage >= 1,
             "offload_optimizer",
