@@ -169,6 +169,24 @@ class BenchSetup:
     profile_rows: int = 0
 
 
+def timed_result(
+    s: BenchSetup, name: str, params: int, step_s: float, peak_gb: float
+) -> BenchResult:
+    """`result` for a model timed under setup `s`."""
+    return result(
+        name,
+        params,
+        batch=s.batch,
+        seq_len=s.seq_len,
+        steps=s.steps,
+        step_s=step_s,
+        flops_per_token=s.flops_per_token,
+        matmul_rate=s.matmul_rate,
+        nominal_peak=s.nominal_peak,
+        peak_gb=peak_gb,
+    )
+
+
 def profile_step(step: Callable[[], object], device: torch.device, rows: int) -> None:
     """Profile one step and print the `rows` operators with the most device time (stderr)."""
     from torch.profiler import ProfilerActivity, profile
@@ -212,18 +230,7 @@ def bench_ours(s: BenchSetup, *, activation_checkpointing: str, compile: bool) -
     peak = memory_gb(backend.device)
     if s.profile_rows:
         profile_step(step, backend.device, s.profile_rows)
-    return result(
-        "hybrid",
-        params,
-        batch=s.batch,
-        seq_len=s.seq_len,
-        steps=s.steps,
-        step_s=step_s,
-        flops_per_token=s.flops_per_token,
-        matmul_rate=s.matmul_rate,
-        nominal_peak=s.nominal_peak,
-        peak_gb=peak,
-    )
+    return timed_result(s, "hybrid", params, step_s, peak)
 
 
 def bench_baseline(s: BenchSetup, expected_params: int | None) -> BenchResult:
@@ -257,18 +264,7 @@ def bench_baseline(s: BenchSetup, expected_params: int | None) -> BenchResult:
     reset_peak_memory(s.device)
     step_s = time_steps(step, s.device, steps=s.steps, warmup=s.warmup, label="baseline")
     peak = memory_gb(s.device)
-    return result(
-        "baseline",
-        params,
-        batch=s.batch,
-        seq_len=s.seq_len,
-        steps=s.steps,
-        step_s=step_s,
-        flops_per_token=s.flops_per_token,
-        matmul_rate=s.matmul_rate,
-        nominal_peak=s.nominal_peak,
-        peak_gb=peak,
-    )
+    return timed_result(s, "baseline", params, step_s, peak)
 
 
 def release(device: torch.device) -> None:
