@@ -115,7 +115,7 @@ def test_batch_that_does_not_split_over_the_ranks_is_a_config_error():
             "parallel.deepspeed.train_batch_size",
             "set train.global_batch instead",
         ),
-        ({"backend": "megatron"}, "parallel.backend", "not one of"),
+        ({"backend": "fsdp"}, "parallel.backend", "not one of"),
     ],
 )
 def test_bad_parallel_section_names_the_key(section, key, words):

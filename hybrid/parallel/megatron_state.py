@@ -1,0 +1,227 @@
+"""Gradients and canonical state of a model sharded by the megatron backend (CPU or CUDA).
+
+Every sharded parameter carries its `shard_spec.Shard`: group "tp" (megatron's tensor-parallel
+group) or "ep" (its expert-parallel group). Replicated parameters carry none; those whose
+gradient is partial per TP rank are flagged `tensor_parallel.PARTIAL_GRAD`.
+
+Gradients (`finish_grads`): partial ones summed over TP; dense ones summed over the
+data-parallel group, expert ones over the expert-data-parallel group; both divided by the DP
+size (the trainer scales each rank's loss by the DP size, and an expert's gradient already
+holds the tokens of its whole EP group). `clip_grads` counts each parameter once: squared norms
+of TP shards summed over TP, of EP shards over EP, replicated ones as they are, stages over PP.
+
+Canonical state: full tensors under single-device names, gathered with `shard_spec.unshard`
+(every rank calls; rank 0's result is complete); loading shards the full tensors again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from hybrid.parallel import shard_spec
+from hybrid.parallel.tensor_parallel import PARTIAL_GRAD
+from hybrid.recipe.schema import ConfigError
+
+
+def _group(spec: shard_spec.Shard) -> dist.ProcessGroup:
+    if spec.group == "tp":
+        return ps.get_tensor_model_parallel_group()
+    if spec.group == "ep":
+        return ps.get_expert_model_parallel_group()
+    raise ValueError(f"unknown shard group {spec.group!r}")
+
+
+def _group_of(param: Tensor) -> str | None:
+    spec = shard_spec.get(param)
+    return spec.group if spec is not None else None
+
+
+def _all_reduce_coalesced(tensors: list[Tensor], group: dist.ProcessGroup) -> None:
+    """Sum `tensors` over `group` in place, as one flat buffer per dtype."""
+    if not tensors or dist.get_world_size(group) == 1:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group_tensors in by_dtype.values():
+        flat = _flatten_dense_tensors(group_tensors)
+        dist.all_reduce(flat, group=group)
+        for t, reduced in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors)):
+            t.copy_(reduced)
+
+
+# -- gradients ----------------------------------------------------------------------------------
+@torch.no_grad()
+def finish_grads(params: list[nn.Parameter], dp_size: int) -> None:
+    """Make every gradient whole and averaged over data-parallel replicas (see the docstring)."""
+    for p in params:
+        if p.grad is None:  # every rank must take part in the same collectives
+            p.grad = torch.zeros_like(p)
+    partial = [p.grad for p in params if getattr(p, PARTIAL_GRAD, False)]
+    _all_reduce_coalesced(partial, ps.get_tensor_model_parallel_group())
+    if dp_size == 1:
+        return
+    expert = [p.grad for p in params if _group_of(p) == "ep"]
+    dense = [p.grad for p in params if _group_of(p) != "ep"]
+    _all_reduce_coalesced(dense, ps.get_data_parallel_group())
+    _all_reduce_coalesced(expert, ps.get_expert_data_parallel_group())
+    for g in dense + expert:
+        g.div_(dp_size)
+
+
+@torch.no_grad()
+def grad_norm(params: list[nn.Parameter]) -> float:
+    """Global L2 norm of the gradients, each parameter counted once."""
+    device = params[0].grad.device if params else torch.device("cpu")
+    sq = {key: torch.zeros((), device=device) for key in (None, "tp", "ep")}
+    for p in params:
+        if p.grad is not None:
+            key = _group_of(p)
+            sq[key] = sq[key] + p.grad.detach().float().square().sum()
+    for key, group in (
+        ("tp", ps.get_tensor_model_parallel_group()),
+        ("ep", ps.get_expert_model_parallel_group()),
+    ):
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(sq[key], group=group)
+    total = sq[None] + sq["tp"] + sq["ep"]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return math.sqrt(float(total))
+
+
+@torch.no_grad()
+def clip_grads(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Scale the gradients to at most `max_norm` (None or 0: measure only) as
+    `torch.nn.utils.clip_grad_norm_` does; returns the norm before clipping."""
+    norm = grad_norm(params)
+    if max_norm:
+        coef = min(max_norm / (norm + 1e-6), 1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+# -- canonical model state ----------------------------------------------------------------------
+def gather_full(local: Tensor, spec: shard_spec.Shard) -> Tensor:
+    """The canonical tensor of a sharded one (collective over its group)."""
+    group = _group(spec)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return shard_spec.unshard(parts, spec)
+
+
+def local_piece(full: Tensor, spec: shard_spec.Shard) -> Tensor:
+    group = _group(spec)
+    return shard_spec.shard(full, spec, dist.get_rank(group), dist.get_world_size(group))
+
+
+def _canonical(t: Tensor, cache: dict[int, Tensor]) -> Tensor:
+    """Full CPU copy of `t` (tied tensors stay one tensor)."""
+    if id(t) not in cache:
+        spec = shard_spec.get(t)
+        full = gather_full(t.detach(), spec) if spec is not None else t.detach()
+        cache[id(t)] = full.to("cpu", copy=True)
+    return cache[id(t)]
+
+
+def canonical_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """Single-device names and full tensors on CPU; rank 0's result is complete (pipeline stages
+    are gathered to it)."""
+    cache: dict[int, Tensor] = {}
+    own = model.state_dict(keep_vars=True)  # other pipeline stages' parts are on meta
+    state = {k: _canonical(v, cache) for k, v in own.items() if not v.is_meta}
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        state = _merge_stages(state)
+    return state
+
+
+def _merge_stages(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    group = ps.get_pipeline_model_parallel_group()
+    first = dist.get_global_rank(group, 0)
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(state, parts, dst=first, group=group)
+    merged: dict[str, Tensor] = {}
+    for part in parts or [state]:
+        merged.update(part)
+    return merged
+
+
+@torch.no_grad()
+def load_canonical_model_state(
+    model: nn.Module, state: dict[str, Tensor], *, partial: bool = False
+) -> None:
+    """Copy a canonical state into the sharded `model` (each rank keeps its pieces). `partial`:
+    pipeline parallel, so keys of other stages (on the meta device here) are expected."""
+    own = {k: v for k, v in model.state_dict(keep_vars=True).items() if not v.is_meta}
+    missing = sorted(k for k in own if k not in state)
+    unexpected = [] if partial else sorted(k for k in state if k not in own)
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint does not fit this model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]} (was the recipe's model section changed?)"
+        )
+    for name, t in own.items():
+        spec = shard_spec.get(t)
+        full = state[name].to(t.device)
+        t.copy_(local_piece(full, spec) if spec is not None else full)
+
+
+# -- canonical optimizer state ------------------------------------------------------------------
+def _indexed_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """Parameters in the order `state_dict()` numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _check_no_pipeline() -> None:
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError(
+            "the canonical optimizer state of a pipeline stage is not gathered; "
+            "megatron_checkpoint (dist_checkpointing) saves it"
+        )
+
+
+def canonical_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with every per-parameter tensor of a sharded parameter gathered
+    to its canonical shape (the single-device AdamW layout)."""
+    _check_no_pipeline()
+    sd = optimizer.state_dict()
+    params = _indexed_params(optimizer)
+    for idx in sorted(sd["state"]):
+        spec = shard_spec.get(params[idx])
+        if spec is None:
+            continue
+        slot = sd["state"][idx] = dict(sd["state"][idx])  # the live state's dict otherwise
+        for key, value in slot.items():
+            if torch.is_tensor(value) and value.shape == params[idx].shape:
+                slot[key] = gather_full(value, spec).cpu()
+    return sd
+
+
+def load_canonical_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a canonical optimizer state, keeping this rank's pieces of sharded parameters."""
+    _check_no_pipeline()
+    params = _indexed_params(optimizer)
+    state = {**state, "state": {k: dict(v) for k, v in state.get("state", {}).items()}}
+    for idx, slot in state["state"].items():
+        idx = int(idx)
+        if idx >= len(params):
+            break  # load_state_dict reports the mismatch
+        spec = shard_spec.get(params[idx])
+        for key, value in slot.items():
+            if spec is not None and torch.is_tensor(value) and value.ndim == params[idx].ndim:
+                slot[key] = local_piece(value, spec)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(
+            f"the checkpoint's optimizer state does not fit this run: {err}"
+        ) from None
