@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     sweeps = {
         "fwd y": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, D, None, *common, **fwd, **c),
-            [dict(block_p=p, num_warps=w, num_stages=s, cb=cb) for p in (16, 32, 64)
-             for w in (4, 8) for s in (1, 2) for cb in (False, True)],
+            [dict(block_p=p, num_warps=w, num_stages=s, cb=cb, segments=g, chunk=q)
+             for p in (16, 32, 64) for w in (4, 8) for s in (1, 2) for cb in (False, True)
+             for g in (1, 2, 4, 8) for q in (32, 64)
+             if not (cb and N < k.CB_MIN_N) and not (q == 32 and cb)],
         ),
         "bwd states": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
-            [dict(dx_block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (4, 8)
-             for s in (1, 2)],
+            [dict(dx_block_n=n, num_warps=w, num_stages=s) for n in (32, 64, 128)
+             for w in (4, 8) for s in (1, 2, 3)],
         ),
         "dB dC": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only.split(","):
             continue
         results = []
+        default = do_bench(fn, rep=50, return_mode="median")
+        print(f"{name}: default {default:.3f}")
         for cfg in configs:
             try:
                 ms = do_bench(lambda c=cfg, f=fn: f(**c), rep=50, return_mode="median")

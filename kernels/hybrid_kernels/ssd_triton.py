@@ -105,19 +105,23 @@ def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
 @triton.jit
 def _ssd_scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, init_ptr, seq_ptr, cb_ptr,
-    y_ptr, ypre_ptr, final_ptr, states_ptr, decay_ptr,
-    L, H, P, N, R, G, nchunks, seg_chunks, dt_min, dt_max,
+    y_ptr, ypre_ptr, final_ptr, states_ptr, decay_ptr, ends_ptr,
+    L, H, P, N, R, G, nchunks, seg_chunks, n_seg, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_YPRE: tl.constexpr, STORE_STATES: tl.constexpr,
     WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr, HAS_CB: tl.constexpr,
+    CHAIN: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (P block, b * H + h, segment): walk the segment's chunks, carrying the state in
-    registers. Segments of `seg_chunks` chunks let several programs walk one sequence: the
-    initial and final states are then per segment (B, S, H, P, N), and WRITE_DECAY stores the
-    factor (B, S, H) by which the segment scales the state entering it."""
+    registers. Segments of `seg_chunks` chunks let several programs walk one sequence (`n_seg`
+    of them): a first pass (WRITE_DECAY, from a zero state) stores each segment's end state
+    (B, n_seg, H, P, N) in `final_ptr` and the factor (B, n_seg, H) by which the segment scales
+    the state entering it; the second pass (CHAIN) starts segment s from the initial state
+    (B, H, P, N) carried through the end states and decays of segments 0 .. s-1 (`ends_ptr`,
+    `decay_ptr`), and its last segment writes the final state (B, H, P, N)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -133,12 +137,18 @@ def _ssd_scan_fwd_kernel(
     mask_n = offs_n < N
     mask_pn = mask_p[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
-    n_seg = tl.num_programs(2)
-    fin_off = (((b * n_seg + seg) * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    glob_off = ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]  # (B, H, P, N)
+    seg_size = H * P * N
     if HAS_INIT:
-        state = tl.load(init_ptr + fin_off, mask=mask_pn, other=0.0).to(tl.float32)
+        state = tl.load(init_ptr + glob_off, mask=mask_pn, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BP, BN), dtype=tl.float32)
+    if CHAIN:  # the state entering this segment, from the first pass's segment ends
+        for j in range(0, seg):
+            j_off = (b * n_seg + j).to(tl.int64)
+            end = tl.load(ends_ptr + j_off * seg_size + glob_off - b * seg_size, mask=mask_pn,
+                          other=0.0)  # fmt: skip
+            state = state * tl.load(decay_ptr + j_off * H + h) + end
     if HAS_SEQ:
         prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c_start * Q - 1, 0))
     if HAS_D:
@@ -202,11 +212,14 @@ def _ssd_scan_fwd_kernel(
             prev_doc = seq_last
         state = state * carry + chunk_state
         decay = decay * carry
-    if WRITE_FINAL:
-        tl.store(final_ptr + fin_off, state, mask=mask_pn)
-    if WRITE_DECAY:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+    if WRITE_DECAY:
+        seg_off = (b * n_seg + seg).to(tl.int64) * seg_size + glob_off - b * seg_size
+        tl.store(final_ptr + seg_off, state, mask=mask_pn)
         if pid_p == 0:
             tl.store(decay_ptr + (b * n_seg + seg) * H + h, decay)
+    elif WRITE_FINAL:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if seg == n_seg - 1:
+            tl.store(final_ptr + glob_off, state, mask=mask_pn)
 
 
 @triton.jit
@@ -558,53 +571,41 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
         num_stages=num_stages,
     )  # fmt: skip
     CB = _chunk_cb(B, C, chunk) if write_y and _use_cb(N, cb) else None
-    starts, final = init, None
-    if S > 1:
-        seg_final = torch.empty(batch, S, H, P, N, **f32)
+    ends = decay = None
+    if S > 1:  # the last segment's end is the final state, which the second pass writes
+        ends = torch.empty(batch, S, H, P, N, **f32)
         decay = torch.empty(batch, S, H, **f32)
-        launch(None, final=seg_final, decay=decay)
-        starts, final = _chain_segments(init, seg_final, decay)
+        launch(None, final=ends, decay=decay, programs=S - 1)
     y = torch.empty(batch, L, H, P, device=x.device, dtype=x.dtype) if write_y else None
     ypre = torch.empty_like(y) if write_ypre else None
     states = None
     if store_states:
         states = torch.empty(batch, nchunks, H, P, N, device=x.device, dtype=x.dtype)
-    if final is None:
-        final = torch.empty(batch, H, P, N, **f32)
-        launch(starts, y=y, ypre=ypre, states=states, final=final, cb=CB)
-    else:
-        launch(starts, y=y, ypre=ypre, states=states, cb=CB)
+    final = torch.empty(batch, H, P, N, **f32)
+    launch(init, y=y, ypre=ypre, states=states, final=final, cb=CB, ends=ends, decay=decay)
     return y, ypre, final, states
-
-
-def _chain_segments(init, seg_final, decay):
-    """Segment start states (B, S, H, P, N) and the final state, from each segment's end state
-    from a zero start and its decay: start[s + 1] = decay[s] * start[s] + end[s]."""
-    batch, S, H, P, N = seg_final.shape
-    start = init.float() if init is not None else seg_final.new_zeros(batch, H, P, N)
-    starts = []
-    for s in range(S):
-        starts.append(start)
-        start = decay[:, s, :, None, None] * start + seg_final[:, s]
-    return torch.stack(starts, dim=1), start
 
 
 def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, init,
                  *, chunk, BP, BN, seg_chunks, S, num_warps, num_stages, y=None, ypre=None,
-                 states=None, final=None, decay=None, cb=None):  # fmt: skip
+                 states=None, final=None, decay=None, cb=None, ends=None,
+                 programs=None):  # fmt: skip
+    """One pass of `_ssd_scan_fwd_kernel` over `programs` (default S) segments: the first
+    pass of a two-level walk when `decay` is given without `ends`, the second with `ends`."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
-    grid = (triton.cdiv(P, BP), batch * H, S)
+    grid = (triton.cdiv(P, BP), batch * H, programs or S)
+    first_pass = decay is not None and ends is None
     with _device_ctx(x):
         _ssd_scan_fwd_kernel[grid](
             x, dt, A, B, C, D, z, dt_bias, init, seq_idx, cb, y, ypre, final, states, decay,
-            L, H, P, N, H // G, G, triton.cdiv(L, chunk), seg_chunks, dt_min, dt_max,
+            ends, L, H, P, N, H // G, G, triton.cdiv(L, chunk), seg_chunks, S, dt_min, dt_max,
             x.stride(0), x.stride(1), x.stride(2),
             B.stride(0), B.stride(1), B.stride(2),
             *(z.stride()[:3] if z is not None else (0, 0, 0)),
             HAS_INIT=init is not None, WRITE_Y=y is not None, WRITE_YPRE=ypre is not None,
             STORE_STATES=states is not None, WRITE_FINAL=final is not None,
-            WRITE_DECAY=decay is not None, HAS_CB=cb is not None,
+            WRITE_DECAY=first_pass, HAS_CB=cb is not None, CHAIN=ends is not None,
             Q=chunk, BP=BP, BN=BN, PREC=_prec(x.dtype),
             **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
             num_warps=num_warps, num_stages=num_stages,
@@ -738,6 +739,12 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_mi
     return torch.empty_like(x), ypre, x.new_empty(batch, H, P, N, dtype=torch.float32)
 
 
+# The backward's state recompute, by N >= CB_MIN_N (tools/tune_ssd.py on an H100: at B2 L8192
+# H256 G8 N256, 4 warps and 2 stages 1.35 ms against 1.69 for 8 and 3; the dx kernel with
+# 128-wide N blocks 5.89 against 6.04 for 64).
+_STATES_LAUNCH = {False: dict(num_warps=8, num_stages=3), True: dict(num_warps=4, num_stages=2)}
+
+
 @torch.library.custom_op("hybrid_kernels::ssd_bwd", mutates_args=())
 def _ssd_bwd_op(
     dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -747,18 +754,19 @@ def _ssd_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """-> (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); empty tensors for absent inputs."""
     H, P = x.shape[2:]
+    large_n = B.shape[-1] >= CB_MIN_N
     dy = dy.contiguous()
     _, _, _, states = _scan_fwd(
         x, dt, A, B, C, None, None, dt_bias, initial_states, seq_idx, dt_softplus, dt_min,
         dt_max, write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,
-        num_warps=8, num_stages=3,
+        **_STATES_LAUNCH[large_n],
     )  # fmt: skip
     dstates, dinit = _dstates(
         dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P
     )
     dx, dz, ddt, dB, dC, dA, dD = _chunk_bwd(
         x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
-        dt_softplus, dt_min, dt_max,
+        dt_softplus, dt_min, dt_max, dx_block_n=128 if large_n else 64,
     )  # fmt: skip
     ddt_bias = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
 
