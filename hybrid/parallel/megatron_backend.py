@@ -115,6 +115,7 @@ class MegatronBackend(Backend):
         )
         self.engine: Any = None  # megatron_optim.Engine with distributed_optimizer
         self.optimizer: torch.optim.Optimizer | None = None
+        self.model: nn.Module | None = None  # the single-device model, sharded in place
         self._said_no_shards = False
 
     @classmethod
@@ -198,6 +199,7 @@ class MegatronBackend(Backend):
 
     # -- building -------------------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
+        self.model = model
         if self.ep > 1:
             apply_expert_dispatch(model, ps.get_expert_model_parallel_group(), self.ep)
         if self.tp > 1:
@@ -298,13 +300,18 @@ class MegatronBackend(Backend):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if self.engine is not None:
             return self.engine.optimizer_state()
-        return megatron_state.canonical_optimizer_state(optimizer)
+        return megatron_state.canonical_optimizer_state(self._model(), optimizer)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if self.engine is not None:
             self.engine.load_optimizer_state(state)
             return
-        megatron_state.load_canonical_optimizer_state(optimizer, state)
+        megatron_state.load_canonical_optimizer_state(self._model(), optimizer, state)
+
+    def _model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("the megatron backend's optimizer state needs parallelize() first")
+        return self.model
 
     def _checkpointer(self) -> Any | None:
         """`megatron_checkpoint` when sharded checkpoints can be written here: it exists, and the

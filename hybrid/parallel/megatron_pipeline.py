@@ -43,6 +43,7 @@ from hybrid.model.context import ForwardContext
 from hybrid.model.lm import IGNORE_INDEX
 from hybrid.parallel import shard_spec
 from hybrid.parallel.base import merge_moe_stats
+from hybrid.parallel.shard_spec import TIED_COPY_OF
 
 
 @functools.cache
@@ -173,12 +174,16 @@ class PipelineStage(nn.Module):
 
 
 def _untie_head(model: nn.Module) -> None:
-    """Give the last stage its own copy of a tied embedding (marked like the original)."""
+    """Give the last stage its own copy of a tied embedding: marked like the original, never
+    decayed (the embedding is not), named after it in canonical state, left out of the gradient
+    norm (its gradient is summed with the original's, which counts it)."""
     old = model.lm_head.weight
     new = nn.Parameter(old.detach().clone())
     spec = shard_spec.get(old)
     if spec is not None:
         shard_spec.mark(new, spec)
+    new._no_weight_decay = True
+    setattr(new, TIED_COPY_OF, "embed.weight")
     model.lm_head.weight = new
 
 

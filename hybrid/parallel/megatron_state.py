@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hybrid.parallel import shard_spec
+from hybrid.parallel.shard_spec import TIED_COPY_OF
 from hybrid.parallel.tensor_parallel import PARTIAL_GRAD
 from hybrid.recipe.schema import ConfigError
 
@@ -82,7 +83,7 @@ def grad_norm(params: list[nn.Parameter]) -> float:
     device = params[0].grad.device if params else torch.device("cpu")
     sq = {key: torch.zeros((), device=device) for key in (None, "tp", "ep")}
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not hasattr(p, TIED_COPY_OF):  # the original counts it
             key = _group_of(p)
             sq[key] = sq[key] + p.grad.detach().float().square().sum()
     for key, group in (
@@ -140,19 +141,8 @@ def canonical_model_state(model: nn.Module) -> dict[str, Tensor]:
     own = model.state_dict(keep_vars=True)  # other pipeline stages' parts are on meta
     state = {k: _canonical(v, cache) for k, v in own.items() if not v.is_meta}
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        state = _merge_stages(state)
+        state = _gather_to_first_stage(state)
     return state
-
-
-def _merge_stages(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    group = ps.get_pipeline_model_parallel_group()
-    first = dist.get_global_rank(group, 0)
-    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
-    dist.gather_object(state, parts, dst=first, group=group)
-    merged: dict[str, Tensor] = {}
-    for part in parts or [state]:
-        merged.update(part)
-    return merged
 
 
 @torch.no_grad()
@@ -181,46 +171,114 @@ def _indexed_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _check_no_pipeline() -> None:
+def canonical_param_names(model: nn.Module) -> dict[int, str]:
+    """The single-device name of every parameter of `model` (meta ones included), by id: a last
+    pipeline stage's copy of a tied embedding (`TIED_COPY_OF`) is named after the original."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), getattr(p, TIED_COPY_OF, name))
+    return names
+
+
+def _canonical_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Names of each optimizer group's parameters as the single-device optimizer holds them:
+    the groups of every pipeline stage merged (collective over the pipeline group), in the
+    model's parameter order."""
+    names = canonical_param_names(model)
+    mine = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    everyone = [mine]
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError(
-            "the canonical optimizer state of a pipeline stage is not gathered; "
-            "megatron_checkpoint (dist_checkpointing) saves it"
-        )
+        group = ps.get_pipeline_model_parallel_group()
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+    order = {n: i for i, n in enumerate(dict.fromkeys(names.values()))}
+    return [
+        sorted({n for stage in everyone for n in stage[gi]}, key=order.__getitem__)
+        for gi in range(len(mine))
+    ]
 
 
-def canonical_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """`optimizer.state_dict()` with every per-parameter tensor of a sharded parameter gathered
-    to its canonical shape (the single-device AdamW layout)."""
-    _check_no_pipeline()
+def _gather_to_first_stage(part: dict[str, Any]) -> dict[str, Any]:
+    """Union of every pipeline stage's `part` on the first stage (the first one of a key wins:
+    the two copies of a tied embedding hold the same values)."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return part
+    group = ps.get_pipeline_model_parallel_group()
+    first = dist.get_global_rank(group, 0)
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(part, parts, dst=first, group=group)
+    merged: dict[str, Any] = {}
+    for p in parts or [part]:
+        for key, value in p.items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def canonical_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` in the single-device AdamW layout: per-parameter tensors of
+    sharded parameters gathered to their canonical shape, pipeline stages merged and numbered as
+    the single-device optimizer numbers its parameters (every rank calls; rank 0's is whole)."""
     sd = optimizer.state_dict()
     params = _indexed_params(optimizer)
+    names = canonical_param_names(model)
+    slots = {}
     for idx in sorted(sd["state"]):
         spec = shard_spec.get(params[idx])
-        if spec is None:
+        slot = dict(sd["state"][idx])  # the live state's dict otherwise
+        for key, value in slot.items():
+            if torch.is_tensor(value):
+                full = gather_full(value, spec) if spec is not None and value.ndim else value
+                slot[key] = full.cpu()
+        slots[names[id(params[idx])]] = slot
+    groups = _canonical_groups(model, optimizer)
+    slots = _gather_to_first_stage(slots)
+    index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    return {
+        "state": {index[n]: slot for n, slot in sorted(slots.items(), key=lambda x: index[x[0]])},
+        "param_groups": [
+            {**{k: v for k, v in hp.items() if k != "params"}, "params": [index[n] for n in g]}
+            for hp, g in zip(sd["param_groups"], groups)
+        ],
+    }
+
+
+def load_canonical_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Load a canonical optimizer state, keeping this rank's pieces of sharded parameters and
+    this pipeline stage's parameters (collective over the pipeline group)."""
+    groups = _canonical_groups(model, optimizer)
+    saved_groups = state.get("param_groups", [])
+    if [len(g["params"]) for g in saved_groups] != [len(g) for g in groups]:
+        raise ConfigError(
+            "the checkpoint's optimizer state does not fit this run: parameter groups of "
+            f"{[len(g['params']) for g in saved_groups]} parameters, this model has "
+            f"{[len(g) for g in groups]}"
+        )
+    index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    names = canonical_param_names(model)
+    saved = state.get("state", {})
+    local: dict[int, dict] = {}
+    for idx, p in enumerate(_indexed_params(optimizer)):
+        ci = index[names[id(p)]]
+        slot = saved.get(ci, saved.get(str(ci)))
+        if slot is None:
             continue
-        slot = sd["state"][idx] = dict(sd["state"][idx])  # the live state's dict otherwise
-        for key, value in slot.items():
-            if torch.is_tensor(value) and value.shape == params[idx].shape:
-                slot[key] = gather_full(value, spec).cpu()
-    return sd
-
-
-def load_canonical_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a canonical optimizer state, keeping this rank's pieces of sharded parameters."""
-    _check_no_pipeline()
-    params = _indexed_params(optimizer)
-    state = {**state, "state": {k: dict(v) for k, v in state.get("state", {}).items()}}
-    for idx, slot in state["state"].items():
-        idx = int(idx)
-        if idx >= len(params):
-            break  # load_state_dict reports the mismatch
-        spec = shard_spec.get(params[idx])
-        for key, value in slot.items():
-            if spec is not None and torch.is_tensor(value) and value.ndim == params[idx].ndim:
-                slot[key] = local_piece(value, spec)
+        spec = shard_spec.get(p)
+        local[idx] = {
+            key: local_piece(value, spec)
+            if spec is not None and torch.is_tensor(value) and value.ndim == p.ndim
+            else value
+            for key, value in slot.items()
+        }
+    param_groups, start = [], 0
+    for saved_group, group in zip(saved_groups, optimizer.param_groups):
+        n = len(group["params"])
+        hyper = {k: v for k, v in saved_group.items() if k != "params"}
+        param_groups.append({**hyper, "params": list(range(start, start + n))})
+        start += n
     try:
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict({"state": local, "param_groups": param_groups})
     except (ValueError, KeyError) as err:
         raise ConfigError(
             f"the checkpoint's optimizer state does not fit this run: {err}"

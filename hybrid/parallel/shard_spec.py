@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 ATTR = "hybrid_shard"
+# On a pipeline stage's own copy of a tied parameter: the canonical name of the original.
+TIED_COPY_OF = "hybrid_tied_copy_of"
 
 
 @dataclass(frozen=True)

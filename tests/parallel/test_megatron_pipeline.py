@@ -187,8 +187,49 @@ def hand_pp_worker(rank: int, store: str, tied: bool) -> None:
     for i in moe:
         assert close(moe[i]["load"], ref_moe[i]["load"])
     check_stage_grads([stage], ref_model, tied)
+    check_canonical_state_after_a_step(model, stage, ref_model, rank)
     ps.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def check_canonical_state_after_a_step(model, stage, ref_model, rank: int) -> None:
+    """One clipped AdamW step on both sides; the stages' gradient norm (a tied embedding counted
+    once), canonical model and optimizer state gathered to rank 0, and a canonical optimizer
+    state loaded back into the stages all equal the single-device optimizer's."""
+    from hybrid.parallel import megatron_state
+    from hybrid.parallel.megatron_pipeline import release_other_stages
+    from hybrid.recipe.train_config import OptimizerConfig
+    from hybrid.train.optim import build_optimizer
+
+    cfg = OptimizerConfig(lr=1e-2, grad_clip=0.5)
+    release_other_stages(model, [stage])
+    opt, _ = build_optimizer(model, cfg, "cpu")
+    ref_opt, _ = build_optimizer(ref_model, cfg, "cpu")
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.5)
+    norm = megatron_state.clip_grads([p for p in stage.parameters()], 0.5)
+    assert close(norm, ref_norm), (norm, float(ref_norm))
+    opt.step()
+    ref_opt.step()
+    want = ref_opt.state_dict()
+    got = megatron_state.canonical_optimizer_state(model, opt)
+    weights = megatron_state.canonical_model_state(model)
+    if rank == 0:
+        assert got["param_groups"] == want["param_groups"]
+        assert got["state"].keys() == want["state"].keys()
+        for idx, slot in want["state"].items():
+            for key, value in slot.items():
+                assert close(got["state"][idx][key], value), (idx, key)
+        ref_weights = ref_model.state_dict()
+        assert weights.keys() == ref_weights.keys()
+        for key, value in ref_weights.items():
+            assert close(weights[key], value), key
+    fresh, _ = build_optimizer(model, cfg, "cpu")
+    megatron_state.load_canonical_optimizer_state(model, fresh, want)
+    ref_state = {n: ref_opt.state[p] for n, p in ref_model.named_parameters()}
+    names = megatron_state.canonical_param_names(model)
+    for p in stage.parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fresh.state[p][key], ref_state[names[id(p)]][key]), key
 
 
 @pytest.mark.parametrize("tied", [False, True])

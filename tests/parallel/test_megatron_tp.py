@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -215,11 +216,14 @@ def test_sequence_parallel_and_distributed_optimizer_on_gpu(tmp_path):
 def test_training_on_two_gpus(tmp_path, monkeypatch):
     """`hybrid.train.loop.train` on 2 GPUs (fp32): TP=2 with sequence parallelism stops at
     step 2 and resumes from the dist_checkpointing files (`megatron/` in the step directory)
-    exactly; TP=2 with megatron's distributed optimizer, and EP=2, match TP=2's losses."""
+    exactly; TP=2 with megatron's distributed optimizer, EP=2, and PP=2 (1F1B, with evaluation
+    through the forward-only schedule) match TP=2's losses; a PP=2 run stopped at step 2
+    resumes exactly, and its canonical checkpoint resumes at TP=2."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     gpu = [*COMMON, "train.device=cuda", "train.precision=fp32"]
     tp2 = [*gpu, "parallel.tp=2", "parallel.sequence_parallel=true"]
+    pp2 = [*gpu, "parallel.pp=2", "train.eval_every=2"]
     plan = {
         "recipe": str(RECIPE),
         "runs": [
@@ -231,6 +235,11 @@ def test_training_on_two_gpus(tmp_path, monkeypatch):
                 "set": [*gpu, "parallel.ep=2", "parallel.distributed_optimizer=true"],
             },
             {"run_dir": str(tmp_path / "ep2"), "set": [*gpu, "parallel.ep=2"]},
+            {"run_dir": str(tmp_path / "pp2"), "set": pp2},
+            {"run_dir": str(tmp_path / "pp2_resumed"), "set": pp2, "stop_at_step": 2},
+            {"copy": [str(tmp_path / "pp2_resumed"), str(tmp_path / "pp2_to_tp2")]},
+            {"run_dir": str(tmp_path / "pp2_resumed"), "set": pp2},
+            {"run_dir": str(tmp_path / "pp2_to_tp2"), "set": tp2},
         ],
     }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
@@ -240,3 +249,12 @@ def test_training_on_two_gpus(tmp_path, monkeypatch):
     assert_close(losses(tmp_path / "resumed")[-2:], losses(tmp_path / "tp2")[-2:], 1e-6)
     assert_close(losses(tmp_path / "distopt"), losses(tmp_path / "ep2"), LOSS_TOL)
     assert_close(losses(tmp_path / "ep2"), losses(tmp_path / "tp2"), LOSS_TOL)
+    assert_close(losses(tmp_path / "pp2"), losses(tmp_path / "tp2"), LOSS_TOL)
+    assert_close(losses(tmp_path / "pp2_resumed")[-2:], losses(tmp_path / "pp2")[-2:], 1e-6)
+    assert_close(losses(tmp_path / "pp2_to_tp2")[-2:], losses(tmp_path / "tp2")[-2:], LOSS_TOL)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "pp2" / "tensorboard"))
+    events.Reload()
+    val = [e.value for e in events.Scalars("val/loss")]
+    assert len(val) == STEPS // 2 and all(math.isfinite(v) for v in val), val
