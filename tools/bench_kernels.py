@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import sys
 import time
 import types
@@ -111,6 +112,8 @@ def bench(fn, inputs, grad, *, bwd: bool, reps: int) -> float:
     if grad.is_cuda:
         from triton.testing import do_bench
 
+        step()  # compile and tune outside the timing: do_bench sizes its repeats from a first
+        torch.cuda.synchronize()  # estimate, and one slow call there leaves a single sample
         return do_bench(step, grad_to_none=leaves, rep=reps, return_mode="median")
     times = []
     for _ in range(3):
@@ -166,14 +169,19 @@ def run_shape(shape, impls, device, reps) -> list[Row]:
     return rows
 
 
+def print_row(r: Row) -> None:
+    print(
+        f"| {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.fwdbwd_ms:.3f} | {r.fwd_tflops:.0f} |"
+        f" {r.fwdbwd_tflops:.0f} | {r.note} |",
+        flush=True,
+    )
+
+
 def print_table(rows: list[Row]) -> None:
     print("| shape (B,L,H,P,G,N) | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | note |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r.shape} | {r.impl} | {r.fwd_ms:.3f} | {r.fwdbwd_ms:.3f} | {r.fwd_tflops:.0f} |"
-            f" {r.fwdbwd_tflops:.0f} | {r.note} |"
-        )
+        print_row(r)
     print("\nours / mamba_ssm best (lower is better):")
     for shape in dict.fromkeys(r.shape for r in rows):
         mine = next(r for r in rows if r.shape == shape and r.impl.startswith("hybrid"))
@@ -194,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", action="append", help="B,L,H,P,G,N to time instead of the default shapes"
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("hybrid_kernels").setLevel(logging.INFO)  # the launch tuner's choices
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         parser.error("no CUDA device: use --tiny under TRITON_INTERPRET=1")
@@ -206,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else SHAPES
     for shape in TINY if args.tiny else shapes:
         rows += run_shape(shape, impls, device, 5 if args.tiny else args.reps)
+        for row in rows[-len(impls) :]:  # as measured, in case a long run is cut short
+            print_row(row)
         torch.cuda.empty_cache() if device == "cuda" else None
     print_table(rows)
     if args.json:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="4,4096,64,64,1,128", help="B,L,H,P,G,N")
     parser.add_argument("--only", help="comma-separated kernel names to sweep (default: all)")
+    parser.add_argument("--no-sweep", action="store_true", help="time the defaults only")
     args = parser.parse_args(argv)
     b, L, H, P, G, N = (int(v) for v in args.shape.split(","))
     dev, bf = "cuda", torch.bfloat16
@@ -79,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
-            [dict(dx_block_n=n, num_warps=w, num_stages=s) for n in (32, 64, 128)
-             for w in (4, 8) for s in (1, 2, 3)],
+            [dict(dx_block_n=n, num_warps=w, num_stages=s, heads_first=f) for n in (64, 128)
+             for w in (4, 8) for s in (1, 2) for f in (False, True)],
         ),
         "dB dC": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),
-            [dict(dbc_block_n=n, dbc_warps=w, dbc_stages=s, dbc_min_programs=m)
-             for n in (32, 64, 128) for w in (4, 8) for s in (1, 2) for m in (264, 1056)],
+            [dict(dbc_block_n=n, dbc_warps=w, dbc_stages=s, dbc_min_programs=m, blocks_first=f)
+             for n in (64, 128) for w in (4, 8) for s in (1, 2) for m in (264, 1056)
+             for f in (False, True)],
         ),
     }  # fmt: skip
     print(f"shape B{b} L{L} H{H} P{P} G{G} N{N}  (ms, do_bench median)")
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         default = do_bench(fn, rep=50, return_mode="median")
         print(f"{name}: default {default:.3f}")
+        if args.no_sweep:
+            continue
         for cfg in configs:
             try:
                 ms = do_bench(lambda c=cfg, f=fn: f(**c), rep=50, return_mode="median")

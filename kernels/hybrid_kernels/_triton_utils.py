@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 import torch
 
 ENV_INTERPRET = "TRITON_INTERPRET"
 T = TypeVar("T")
+log = logging.getLogger("hybrid_kernels")
 
 
 def interpreting() -> bool:
@@ -76,8 +78,38 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+class LaunchTuner:
+    """Picks, once per key, the fastest of a few launch configurations of a launcher that may
+    run several kernels (what `triton.autotune` does for one kernel), by timing each with
+    `triton.testing.do_bench` (median). The first configuration is the untimed choice where
+    timing is impossible or pointless: one candidate, a non-CUDA device, or a CUDA graph being
+    captured. Each choice is logged once; choices live as long as the process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._best: dict[Hashable, dict] = {}
+
+    def choose(self, key: Hashable, configs: Sequence[dict], run: Callable[[dict], object],
+               device: torch.device) -> dict:  # fmt: skip
+        """The fastest of `configs` for `key`, timing `run(config)` on first use."""
+        if key in self._best:
+            return self._best[key]
+        if len(configs) == 1 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return configs[0]
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda c=c: run(c), warmup=2, rep=10, return_mode="median")
+                 for c in configs]  # fmt: skip
+        best = min(range(len(configs)), key=times.__getitem__)
+        self._best[key] = configs[best]
+        log.info("%s %s: chose %s (%.3f ms; the first candidate %.3f ms)", self.name, key,
+                 configs[best] or "the default", times[best], times[0])  # fmt: skip
+        return configs[best]
+
+
 __all__ = [
     "ENV_INTERPRET",
+    "LaunchTuner",
     "auto_triton",
     "check_launchable",
     "device_guard",

@@ -36,12 +36,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybrid_kernels._triton_utils import LaunchTuner
 from hybrid_kernels.ssd_ref import _check_shapes
 
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
 FWD_CHUNK = 64  # chunk of the forward scan
 CB_MIN_N = 256  # from this N on, the forward walk reads C B^T computed once per chunk and group
 DEFAULT_DT_LIMIT = (0.0, math.inf)
+_GRID_YZ = 65535  # CUDA's limit on a grid's second and third dimensions
 
 
 @triton.jit
@@ -325,12 +327,18 @@ def _ssd_dx_bwd_kernel(
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """Program (b * C + c, h): dx, dz, ddt (raw dt) of chunk c and head h, and the partial
-    sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are `_ssd_dbc_bwd_kernel`'s.
-    Contractions over N run in blocks of BNK to keep the tiles small."""
-    pid_bc = tl.program_id(0)
-    h = tl.program_id(1)
+    """Program (b * C + c, h), or (h, b * C + c) with HEADS_FIRST (a chunk's heads run side
+    by side and share its B and C in the L2): dx, dz, ddt (raw dt) of chunk c and head h, and
+    the partial sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are
+    `_ssd_dbc_bwd_kernel`'s. Contractions over N run in blocks of BNK to keep the tiles small."""
+    if HEADS_FIRST:
+        h = tl.program_id(0)
+        pid_bc = tl.program_id(1)
+    else:
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
     b = pid_bc // nchunks
     c = pid_bc % nchunks
     g = h // R
@@ -405,12 +413,20 @@ def _ssd_dbc_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     HAS_SEQ: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNB: tl.constexpr, PREC: tl.constexpr,
+    BLOCKS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """Program (split, b * C + c, g * n_blocks + n_block): dB and dC of chunk c on one block of
-    N, summed over the heads of one split of group g, into partials (splits, B, L, G, N) fp32."""
-    pid_s = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    pid_gn = tl.program_id(2)
+    """Program (split, b * C + c, g * n_blocks + n_block), or (g * n_blocks + n_block, split,
+    b * C + c) with BLOCKS_FIRST (the N blocks that read the same x and dy run side by side):
+    dB and dC of chunk c on one block of N, summed over the heads of one split of group g,
+    into partials (splits, B, L, G, N) fp32."""
+    if BLOCKS_FIRST:
+        pid_gn = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        pid_bc = tl.program_id(2)
+    else:
+        pid_s = tl.program_id(0)
+        pid_bc = tl.program_id(1)
+        pid_gn = tl.program_id(2)
     n_blocks = tl.cdiv(N, BNB)
     g = pid_gn // n_blocks
     b = pid_bc // nchunks
@@ -457,7 +473,7 @@ def _ssd_dbc_bwd_kernel(
     dCB = dCB_acc.to(Bm.dtype)
     dC_acc += tl.dot(dCB, Bm, input_precision=PREC)
     dB_acc += tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
-    batch = tl.num_programs(1) // nchunks
+    batch = tl.num_programs(2 if BLOCKS_FIRST else 1) // nchunks
     dst = (((pid_s * batch + b) * L + pos[:, None]) * G + g) * N + offs_n[None, :]
     tl.store(dB_ptr + dst, dB_acc, mask=bc_mask)
     tl.store(dC_ptr + dst, dC_acc, mask=bc_mask)
@@ -622,6 +638,43 @@ def _segments(batch: int, H: int, nchunks: int, device: torch.device) -> int:
     return S
 
 
+_WALK_TUNER = LaunchTuner("ssd forward walk")
+TUNE_MIN_CHUNKS = 16  # shorter sequences take the heuristic launch untimed
+
+
+def _walk_configs(batch: int, H: int, nchunks: int, P: int) -> list[dict]:
+    """Launch candidates of the forward walk: the heuristic one first (`_segments`,
+    `_fwd_p_block`, `_use_cb`), then segments x P blocks x C B^T read or recomputed. Which
+    wins depends on the GPU and on batch x heads x length (walks are latency-bound; more
+    segments or smaller P blocks add programs, precomputed C B^T removes a product a step)."""
+    configs = [{}]
+    if nchunks < TUNE_MIN_CHUNKS:
+        return configs
+    BPfull = max(16, triton.next_power_of_2(P))
+    for S in (1, 2, 4):
+        if S > 1 and nchunks // S < 8:
+            continue
+        for BP in sorted({min(32, BPfull), BPfull}):
+            configs += [dict(segments=S, block_p=BP, cb=cb) for cb in (False, True)]
+    return configs
+
+
+def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
+               write_ypre: bool):  # fmt: skip
+    """`_scan_fwd` writing y, with the launch `_WALK_TUNER` measured fastest for this shape
+    (once per process; lengths share a choice within a power of two of chunks)."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    nchunks = triton.cdiv(L, FWD_CHUNK)
+    args = (x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max)
+    kw = dict(write_y=True, write_ypre=write_ypre, store_states=False)
+    key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
+           z is not None, seq_idx is not None, init is not None, write_ypre)  # fmt: skip
+    configs = _walk_configs(batch, H, nchunks, P)
+    best = _WALK_TUNER.choose(key, configs, lambda c: _scan_fwd(*args, **kw, **c), x.device)
+    return _scan_fwd(*args, **kw, **best)
+
+
 def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P,
              *, block_p: int | None = None, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
     """Launch `_ssd_dstate_bwd_kernel`. Returns (dstates (B, C, H, P, N), dinit fp32)."""
@@ -660,6 +713,7 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
                dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 1,
                dx_block_n: int = 64, dbc_block_n: int = 128, dbc_warps: int = 8,
                dbc_stages: int = 2, dbc_min_programs: int = 264,
+               heads_first: bool = True, blocks_first: bool = False,
                run_dx: bool = True, run_dbc: bool = True):  # fmt: skip
     """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums.
     dB/dC launch: N blocks of 128 on 8 warps (H100 sweeps: 0.45 ms against 0.70 with blocks
@@ -689,19 +743,24 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     dC = torch.empty(splits, batch, L, G, N, **f32)
     with _device_ctx(x):
         if run_dx:  # (the run_* switches let tools/tune_ssd.py time one kernel alone)
-            _ssd_dx_bwd_kernel[(batch * nchunks, H)](
+            heads_first = heads_first and batch * nchunks <= _GRID_YZ
+            grid = (H, batch * nchunks) if heads_first else (batch * nchunks, H)
+            _ssd_dx_bwd_kernel[grid](
                 x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
                 dx, dz, ddt, dA, dD, L, H, P, N, R, nchunks, dt_min, dt_max, *strides,
                 Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
-                num_warps=num_warps, num_stages=num_stages,
+                HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
         if run_dbc:
-            _ssd_dbc_bwd_kernel[(splits, batch * nchunks, G * n_blocks)](
+            grid = (splits, batch * nchunks, G * n_blocks)
+            if blocks_first:
+                grid = (G * n_blocks, splits, batch * nchunks)
+            _ssd_dbc_bwd_kernel[grid](
                 x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC,
                 L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
                 HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
                 CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"],
-                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype),
+                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype), BLOCKS_FIRST=blocks_first,
                 num_warps=dbc_warps, num_stages=dbc_stages,
             )  # fmt: skip
     dD_sum = None
@@ -723,9 +782,9 @@ def _ssd_fwd_op(
     seq_idx: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, keep_ypre: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """-> (y (B, L, H, P), y before the z gate (or an empty tensor), final state fp32)."""
-    y, ypre, final, _ = _scan_fwd(
+    y, ypre, final, _ = _tuned_fwd(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max,
-        write_y=True, write_ypre=keep_ypre and z is not None, store_states=False,
+        keep_ypre and z is not None,
     )  # fmt: skip
     return y, ypre if ypre is not None else x.new_empty(0), final
 

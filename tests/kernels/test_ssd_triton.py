@@ -256,3 +256,78 @@ def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPat
 def test_ssd_triton_cb_paths_gpu(min_n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_mod, "CB_MIN_N", min_n)
     check_against_references(GPU_CASES["bf16_B2_L4096_H32_G4_N128"], "cuda")
+
+
+@pytest.mark.parametrize("heads_first, blocks_first", [(True, True), (False, False)])
+def test_ssd_backward_grid_orders_agree(heads_first: bool, blocks_first: bool) -> None:
+    """The backward kernels' program orders (heads of a chunk side by side share its B and C
+    in the L2) give the same gradients, bit for bit: no program's work depends on when it
+    runs."""
+    t, extra, gy, _ = make_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
+    x, dt, A, B, C, D, z, dtb = (t[k].detach() for k in ("x", "dt", "A", "B", "C", "D", "z",
+                                                         "dt_bias"))  # fmt: skip
+    seq = extra["seq_idx"].to(torch.int32)
+    proc = (True, 0.01, 5.0)
+    _, ypre, _, _ = triton_mod._scan_fwd(
+        x, dt, A, B, C, D, z, dtb, None, seq, *proc, write_y=True, write_ypre=True,
+        store_states=False,
+    )  # fmt: skip
+    _, _, _, states = triton_mod._scan_fwd(
+        x, dt, A, B, C, None, None, dtb, None, seq, *proc, write_y=False, write_ypre=False,
+        store_states=True, chunk=triton_mod.KERNEL_CHUNK,
+    )  # fmt: skip
+    dstates, _ = triton_mod._dstates(gy, None, z, dt, A, C, dtb, seq, *proc, 4, 16)
+    args = (x, gy, z, ypre, dt, A, B, C, D, dtb, seq, states, dstates, *proc)
+    ref = triton_mod._chunk_bwd(*args, heads_first=not heads_first, blocks_first=not blocks_first)
+    other = triton_mod._chunk_bwd(*args, heads_first=heads_first, blocks_first=blocks_first)
+    for a, b in zip(ref, other):
+        assert torch.equal(a, b)
+
+
+def test_ssd_forward_walk_candidates_agree() -> None:
+    """Every launch the forward's tuner may choose (segments, P blocks, C B^T read or
+    recomputed) computes the same y and final state, to fp32 rounding."""
+    chunks = triton_mod.TUNE_MIN_CHUNKS + 1
+    case = Case(L=chunks * triton_mod.FWD_CHUNK - 5, H=2, batch=1, z=True, docs=True)
+    t, extra, _, _ = make_inputs(case)
+    d = {k: v.detach() for k, v in t.items()}
+    args = (d["x"], d["dt"], d["A"], d["B"], d["C"], d["D"], d["z"], d["dt_bias"], None,
+            extra["seq_idx"].to(torch.int32), True, 0.01, 5.0)  # fmt: skip
+    configs = triton_mod._walk_configs(1, case.H, chunks, case.P)
+    assert configs[0] == {} and {c.get("segments") for c in configs[1:]} == {1, 2}
+    kw = dict(write_y=True, write_ypre=True, store_states=False)
+    y0, ypre0, fin0, _ = triton_mod._scan_fwd(*args, **kw)
+    for cfg in configs[1:]:
+        y, ypre, fin, _ = triton_mod._scan_fwd(*args, **kw, **cfg)
+        assert rel_err(y, y0) < 1e-5 and rel_err(ypre, ypre0) < 1e-5, cfg
+        assert rel_err(fin, fin0) < 1e-5, cfg
+
+
+def test_launch_tuner_takes_the_first_config_untimed_off_cuda() -> None:
+    from hybrid_kernels._triton_utils import LaunchTuner
+
+    calls = []
+    tuner = LaunchTuner("test")
+    best = tuner.choose("k", [{"a": 1}, {"a": 2}], calls.append, torch.device("cpu"))
+    assert best == {"a": 1} and calls == []
+
+
+@pytest.mark.gpu
+def test_launch_tuner_picks_the_fastest_and_remembers() -> None:
+    import time
+
+    from hybrid_kernels._triton_utils import LaunchTuner
+
+    calls = []
+
+    def run(cfg: dict) -> None:
+        calls.append(cfg["ms"])
+        time.sleep(cfg["ms"] / 1e3)
+        torch.cuda._sleep(1000)
+
+    tuner = LaunchTuner("test")
+    configs = [{"ms": 3.0}, {"ms": 0.0}, {"ms": 1.5}]
+    assert tuner.choose("k", configs, run, torch.device("cuda")) == {"ms": 0.0}
+    n = len(calls)
+    assert tuner.choose("k", configs, run, torch.device("cuda")) == {"ms": 0.0}
+    assert len(calls) == n  # remembered, not timed again
