@@ -294,10 +294,15 @@ def load_sharded(
         _materialize(optimizer)
     pieces, _ = _collect(module, optimizer, groups)
     replicas = _replica_ids(pieces)
-    request = {
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    io_device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+    request = {  # read into device tensors under nccl (AdamW's `step` lives on the CPU)
         k: _sharded_tensor(
             replace(
-                p, local=torch.empty(p.local.shape, dtype=p.local.dtype, device=p.local.device)
+                p,
+                local=torch.empty(
+                    p.local.shape, dtype=p.local.dtype, device=io_device or p.local.device
+                ),
             ),
             replicas[k],
         )

@@ -52,7 +52,8 @@ DISTOPT = ["distopt_ep2", "distopt_tp2"]
 
 
 def launch(args: list[str], cwd: Path, nproc: int = 2) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     cmd = [*TORCHRUN[:-1], str(nproc), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
