@@ -32,6 +32,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_hybrid_lm import HybridLMConfig
 
+# transformers renamed the outputs' and generate()'s `past_key_values` to `cache` (5.2x); both
+# spellings are accepted on input, and the output uses the field this version declares.
+_CACHE_FIELD = (
+    "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    else "past_key_values"
+)  # fmt: skip
+
 
 class HybridLMCache(DynamicCache):
     """Keys and values of the attention layers (DynamicCache layer j = the j-th attention
@@ -481,11 +488,13 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        cache = past_key_values
+        if cache is None:
+            cache = past_key_values
         if isinstance(cache, Cache) and not isinstance(cache, HybridLMCache):
             if cache.get_seq_length() != 0:
                 raise TypeError(
@@ -503,7 +512,7 @@ class HybridLMForCausalLM(HybridLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 
 __all__ = ["HybridLMCache", "HybridLMForCausalLM", "HybridLMModel", "HybridLMPreTrainedModel"]
