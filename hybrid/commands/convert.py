@@ -127,8 +127,9 @@ def run_to_hf(args: argparse.Namespace) -> int:
 
 def run_from_hf(args: argparse.Namespace) -> int:
     from hybrid.convert import import_from_hf, verify_export
+    from hybrid.train.fresh_state import fresh_train_state
 
-    result = import_from_hf(args.hf_dir, args.out, name=args.name)
+    result = import_from_hf(args.hf_dir, args.out, name=args.name, train_state=fresh_train_state)
     source = "restored from hybrid_recipe.yaml" if result.restored_recipe else "from config.json"
     print(f"wrote {result.step_dir} from {result.target.architecture} (recipe {source})")
     print(f"continue pretraining: hybrid train {result.run_dir / 'recipe.yaml'}")

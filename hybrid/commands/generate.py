@@ -133,11 +133,11 @@ def load_for_inference(
     checkpoint: str, overrides: list[str], device_name: str = "auto", dtype_name: str = "auto"
 ) -> Loaded:
     """Model (eval mode, on the device, in the dtype), recipe and tokenizer of a checkpoint."""
+    from hybrid.checkpoint.store import RECIPE_FILE, load_checkpoint
     from hybrid.data.tokenizer import build_tokenizer
     from hybrid.model import build_model
     from hybrid.recipe.loader import apply_overrides
     from hybrid.recipe.recipe import recipe_from_dict
-    from hybrid.train.checkpoint import RECIPE_FILE, load_checkpoint
 
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)

@@ -1,26 +1,21 @@
 """Our side of a conversion: read one of our checkpoints in canonical form, write a new one.
 
-Reading goes through `hybrid.train.checkpoint.load_checkpoint` (a run directory or a step
+Reading goes through `hybrid.checkpoint.store.load_checkpoint` (a run directory or a step
 directory; canonical names, tensors on CPU). Writing uses `save_checkpoint`, so a converted
 checkpoint has exactly the layout of a training run's: `RUN_DIR/checkpoints/step-00000000/` with
 the model weights, a *fresh* train state (step 0, an AdamW state with no moments, the schedule at
-its start, data position 0) built by the trainer's own builders, recipe.yaml and meta.json, plus
-`RUN_DIR/recipe.yaml`. `hybrid train RUN_DIR/recipe.yaml` then resumes it at step 0.
-
-This module is the one place `hybrid.convert` reaches into `hybrid.train` (checkpoint I/O and
-the optimizer/schedule builders), always lazily.
+its start, data position 0) that the caller builds with the trainer's own builders
+(`hybrid.train.fresh_state`, passed in from the command layer, so convert does not import
+train), recipe.yaml and meta.json, plus `RUN_DIR/recipe.yaml`. `hybrid train
+RUN_DIR/recipe.yaml` then resumes it at step 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
 from hybrid.recipe.model_config import ModelConfig
@@ -69,7 +64,7 @@ def check_state(state: dict[str, Tensor], cfg: ModelConfig, what: str) -> None:
 
 def load_ours(path: str | Path) -> OurCheckpoint:
     """A run directory or step directory of ours, checked against its recipe's model."""
-    from hybrid.train.checkpoint import load_checkpoint
+    from hybrid.checkpoint.store import load_checkpoint
 
     ckpt = load_checkpoint(Path(path))
     recipe = recipe_from_dict(ckpt.recipe, file=str(ckpt.path / "recipe.yaml"))
@@ -77,44 +72,12 @@ def load_ours(path: str | Path) -> OurCheckpoint:
     return OurCheckpoint(path=ckpt.path, step=ckpt.step, recipe=recipe, state=ckpt.model_state)
 
 
-def _seeded_rng_state(seed: int) -> dict[str, Any]:
-    """The RNG state a run seeded with `seed` starts from (the caller's RNG is left as it was)."""
-    from hybrid.train.rng import capture_rng_state, restore_rng_state
-
-    before = capture_rng_state()
-    try:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        return capture_rng_state()
-    finally:
-        restore_rng_state(before)
-
-
-def fresh_train_state(recipe: Recipe) -> dict[str, Any]:
-    """The train state of a run about to take its first step, built on the meta device (no
-    weights are allocated): what `hybrid train` saves and restores."""
-    from hybrid.model import build_model
-    from hybrid.train.optim import build_optimizer
-    from hybrid.train.schedule import build_scheduler
-
-    t = recipe.train
-    model = build_model(recipe.model, device="meta")
-    device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    optimizer, _ = build_optimizer(model, t.optimizer, device)
-    scheduler = build_scheduler(optimizer, t.schedule, t.steps, t.optimizer.min_lr_ratio)
-    return {
-        "step": 0,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _seeded_rng_state(t.seed),
-        "data": {"consumed_samples": 0, "seed": t.seed},
-    }
-
-
-def save_ours(run_dir: Path, recipe: Recipe, state: dict[str, Tensor], meta: dict) -> Path:
-    """Write `state` as step 0 of a new run directory; refuses a directory holding a run."""
-    from hybrid.train.checkpoint import find_latest, list_checkpoints, save_checkpoint
+def save_ours(
+    run_dir: Path, recipe: Recipe, state: dict[str, Tensor], meta: dict, train_state: dict
+) -> Path:
+    """Write `state` as step 0 of a new run directory with `train_state` (the trainer's fresh
+    one: `hybrid.train.fresh_state.fresh_train_state`); refuses a directory holding a run."""
+    from hybrid.checkpoint.store import find_latest, list_checkpoints, save_checkpoint
 
     if run_dir.exists() and (list_checkpoints(run_dir) or find_latest(run_dir) is not None):
         raise ConfigError(
@@ -128,7 +91,7 @@ def save_ours(run_dir: Path, recipe: Recipe, state: dict[str, Tensor], meta: dic
         run_dir,
         0,
         model_state=model_state,
-        train_state=fresh_train_state(recipe),
+        train_state=train_state,
         recipe=recipe.to_dict(),
         keep=recipe.train.keep_checkpoints,
         meta=meta,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,14 @@ def _widen(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def import_from_hf(
-    hf_dir: str | Path, run_dir: str | Path, *, name: str | None = None
+    hf_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    train_state: Callable[[Recipe], dict],
+    name: str | None = None,
 ) -> ImportResult:
-    """Convert the HF model in `hf_dir` into step 0 of the new run directory `run_dir`."""
+    """Convert the HF model in `hf_dir` into step 0 of the new run directory `run_dir`, with the
+    train state `train_state(recipe)` gives (`hybrid.train.fresh_state.fresh_train_state`)."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if not hf_dir.is_dir():
         raise ConfigError(f"{hf_dir}: no such directory")
@@ -116,7 +122,7 @@ def import_from_hf(
     train = dataclasses.replace(recipe.train, run_dir=str(run_dir.resolve()))
     recipe = dataclasses.replace(recipe, name=name or recipe.name, data=data, train=train)
     meta = {"converted_from": str(hf_dir.resolve()), "hf_class": target.architecture}
-    step_dir = save_ours(run_dir, recipe, state, meta)
+    step_dir = save_ours(run_dir, recipe, state, meta, train_state(recipe))
     return ImportResult(run_dir, step_dir, target, recipe, state, stored is not None)
 
 

@@ -69,7 +69,7 @@ def decide(
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of the run directory's latest complete checkpoint (None: there is none)."""
-    from hybrid.train.checkpoint import META_FILE, find_latest  # torch: only when asked
+    from hybrid.checkpoint.store import META_FILE, find_latest  # torch: only when asked
 
     latest = find_latest(run_dir)
     if latest is None:

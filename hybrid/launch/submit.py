@@ -121,7 +121,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
     """A run dir with checkpoints must hold the same model: the job resumes it."""
     if not (run_dir / "checkpoints").exists():
         return
-    from hybrid.train.checkpoint import META_FILE, RECIPE_FILE, find_latest  # imports torch
+    from hybrid.checkpoint.store import META_FILE, RECIPE_FILE, find_latest  # imports torch
 
     latest = find_latest(run_dir)
     if latest is None:

@@ -21,7 +21,7 @@ the boundary all-reduce (ZeRO-0).
 Checkpoints (see `hybrid.parallel.deepspeed_state`): each save writes the engine's own sharded
 checkpoint (`engine.save_checkpoint`, every rank its files) into STEP/deepspeed/ inside the
 trainer's temporary step directory, plus the canonical model and optimizer state, so the
-atomic rename and `latest` protocol of `hybrid.train.checkpoint` cover it. A resume with the same
+atomic rename and `latest` protocol of `hybrid.checkpoint.store` cover it. A resume with the same
 layout (world size, ZeRO stage, precision, offload; no expert parallelism) loads the engine's
 files; any other resume, expert-parallel ones included, loads the canonical state.
 """

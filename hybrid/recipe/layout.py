@@ -70,11 +70,19 @@ class LayoutConfig:
             "attention_ratio)",
         )
         check(self.repeat >= 1, "repeat", "must be at least 1")
+        check(self.repeat == 1 or self.block is not None, "repeat", "repeats a block: needs block")
         if self.n_layers is None:
             for key in ("attention_every", "attention_ratio", "moe_every"):
                 check(getattr(self, key) is None, key, "needs n_layers")
+            check(
+                self.ffn == "mlp", "ffn", "applies to n_layers layouts (a pattern names its FFNs)"
+            )
         else:
             self._check_rules()
+        # an offset without its rule would be ignored: say so instead
+        check(self.attention_offset == 0 or self.attention_every is not None, "attention_offset",
+              "needs attention_every")  # fmt: skip
+        check(self.moe_offset == 0 or self.moe_every is not None, "moe_offset", "needs moe_every")
         resolve_layout(self)  # surface pattern errors at load time
 
     def _check_rules(self) -> None:

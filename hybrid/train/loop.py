@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from hybrid.checkpoint.rng import capture_rng_state, restore_rng_state
+from hybrid.checkpoint.store import begin_save, find_latest, load_checkpoint, save_checkpoint
 from hybrid.data.loader import TrainDataLoader, build_validation_batches
 from hybrid.data.tokenizer import build_tokenizer
 from hybrid.model import build_model
@@ -25,11 +27,9 @@ from hybrid.parallel.registry import build_backend
 from hybrid.recipe.analysis import model_figures
 from hybrid.recipe.recipe import Recipe, recipe_from_dict
 from hybrid.recipe.schema import ConfigError, to_dict
-from hybrid.train.checkpoint import begin_save, find_latest, load_checkpoint, save_checkpoint
 from hybrid.train.logging_utils import MetricsLogger, ProgressLine
 from hybrid.train.metrics import ThroughputMeter, memory_gb, mfu, peak_bf16_flops
 from hybrid.train.optim import build_optimizer
-from hybrid.train.rng import capture_rng_state, restore_rng_state
 from hybrid.train.schedule import build_scheduler
 from hybrid.train.signals import PreemptionHandler
 from hybrid.train.step import StepResult, evaluate, train_step, update_router_biases

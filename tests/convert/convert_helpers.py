@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from hybrid.checkpoint.store import save_checkpoint
 from hybrid.convert.verify import build_ours, greedy_decode
 from hybrid.model import build_model
 from hybrid.recipe.recipe import Recipe, recipe_from_dict
-from hybrid.train.checkpoint import save_checkpoint
 
 # d_model 64; vocab 300 holds the byte tokenizer's 257 ids; chunk 8 so 40 tokens span chunks.
 BASE = {

@@ -12,6 +12,7 @@ from convert_helpers import compare_with_hf
 from hybrid.convert import ExportOptions, export_to_hf, import_from_hf
 from hybrid.convert.checkpoints import load_ours
 from hybrid.recipe.schema import ConfigError
+from hybrid.train.fresh_state import fresh_train_state
 
 
 def _perturbed(model):
@@ -77,7 +78,7 @@ def test_published_layout_to_ours(tmp_path, name):
 
     hf_model = _perturbed(BUILDERS[name](transformers))
     hf_model.save_pretrained(tmp_path / "hf")
-    result = import_from_hf(tmp_path / "hf", tmp_path / "ours")
+    result = import_from_hf(tmp_path / "hf", tmp_path / "ours", train_state=fresh_train_state)
     assert not result.restored_recipe
     assert result.recipe.model.padded_vocab_size == 300
     err, same_generation = compare_with_hf(hf_model, result.recipe, result.state)
@@ -90,7 +91,7 @@ def test_granite_multipliers_fold_and_export_back_to_granite(tmp_path):
 
     hf_model = _perturbed(_granite(transformers))
     hf_model.save_pretrained(tmp_path / "hf")
-    result = import_from_hf(tmp_path / "hf", tmp_path / "ours")
+    result = import_from_hf(tmp_path / "hf", tmp_path / "ours", train_state=fresh_train_state)
     # the residual stream is divided by embedding_multiplier=12: block norms get eps / 144
     assert result.recipe.model.norm_eps == pytest.approx(1e-5 / 144, rel=1e-9)
     back = export_to_hf(tmp_path / "ours", tmp_path / "hf2", ExportOptions())
@@ -113,7 +114,7 @@ def test_unsupported_hf_features_are_refused(tmp_path):
     )  # fmt: skip
     transformers.NemotronHForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     with pytest.raises(ConfigError, match="moe_latent_size"):
-        import_from_hf(tmp_path / "hf", tmp_path / "ours")
+        import_from_hf(tmp_path / "hf", tmp_path / "ours", train_state=fresh_train_state)
     assert not (tmp_path / "ours").exists()
 
 
@@ -126,7 +127,7 @@ def test_converted_run_resumes_training(tmp_path):
 
     _perturbed(_mamba2(transformers)).save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
-    imported = import_from_hf(tmp_path / "hf", run)
+    imported = import_from_hf(tmp_path / "hf", run, train_state=fresh_train_state)
     assert imported.step_dir.name == "step-00000000"
     recipe = load_recipe(
         run / "recipe.yaml",

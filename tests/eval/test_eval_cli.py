@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from hybrid.checkpoint.store import save_checkpoint
 from hybrid.cli import main
 from hybrid.commands.generate import load_for_inference
 from hybrid.data.loader import build_validation_batches
@@ -13,7 +14,6 @@ from hybrid.eval.perplexity import perplexity
 from hybrid.infer import SamplingConfig, generate
 from hybrid.model import build_model
 from hybrid.recipe.recipe import recipe_from_dict
-from hybrid.train.checkpoint import save_checkpoint
 
 RECIPE = {
     "name": "cli-tiny",

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
+from hybrid.checkpoint.store import save_checkpoint
 from hybrid.launch.requeue import KILLED_BY_USR1, decide, main
-from hybrid.train.checkpoint import save_checkpoint
 
 
 def rule(**kw):

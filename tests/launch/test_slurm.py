@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from launch_helpers import DEBUG_RECIPE, ROOT
 
-from hybrid.train.checkpoint import find_latest, list_checkpoints, load_checkpoint
+from hybrid.checkpoint.store import find_latest, list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import torch
 import yaml
 from launch_helpers import write_recipe
 
+from hybrid.checkpoint.store import save_checkpoint
 from hybrid.cli import main
 from hybrid.launch.submit import SubmitRequest, plan, run_dir_of, submit, write_files
 from hybrid.recipe.recipe import load_recipe
 from hybrid.recipe.schema import ConfigError, to_dict
-from hybrid.train.checkpoint import save_checkpoint
 
 
 def cli(capsys, *argv):

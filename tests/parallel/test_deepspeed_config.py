@@ -15,6 +15,12 @@ import yaml
 
 pytest.importorskip("deepspeed")
 
+from hybrid.checkpoint.store import (  # noqa: E402
+    CheckpointError,
+    begin_save,
+    load_checkpoint,
+    save_checkpoint,
+)
 from hybrid.cli import main  # noqa: E402
 from hybrid.model import build_model  # noqa: E402
 from hybrid.parallel.deepspeed_backend import build_config, deep_merge  # noqa: E402
@@ -24,12 +30,6 @@ from hybrid.recipe.model_config import ModelConfig  # noqa: E402
 from hybrid.recipe.recipe import ParallelConfig, recipe_from_dict  # noqa: E402
 from hybrid.recipe.schema import ConfigError, from_dict  # noqa: E402
 from hybrid.recipe.train_config import TrainConfig  # noqa: E402
-from hybrid.train.checkpoint import (  # noqa: E402
-    CheckpointError,
-    begin_save,
-    load_checkpoint,
-    save_checkpoint,
-)
 
 
 def parallel(**kw) -> ParallelConfig:

@@ -21,8 +21,8 @@ import yaml
 
 pytest.importorskip("deepspeed")
 
+from hybrid.checkpoint.store import load_checkpoint  # noqa: E402
 from hybrid.recipe.recipe import load_recipe  # noqa: E402
-from hybrid.train.checkpoint import load_checkpoint  # noqa: E402
 from hybrid.train.loop import train  # noqa: E402
 
 STEPS, STOP = 20, 10

@@ -28,10 +28,10 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from hybrid.checkpoint.store import load_checkpoint  # noqa: E402
 from hybrid.parallel.megatron_backend import MegatronBackend  # noqa: E402
 from hybrid.recipe.recipe import load_recipe  # noqa: E402
 from hybrid.recipe.schema import ConfigError  # noqa: E402
-from hybrid.train.checkpoint import load_checkpoint  # noqa: E402
 from hybrid.train.loop import train  # noqa: E402
 
 HERE = Path(__file__).parent

@@ -102,6 +102,10 @@ def test_exactly_one_form():
         (dict(n_layers=4, attention_ratio=1.5), "attention_ratio"),
         (dict(n_layers=4, ffn="none", moe_every=2), "moe_every"),
         (dict(pattern="MM", attention_every=2), "attention_every"),
+        (dict(pattern="MM", repeat=2), "repeat"),
+        (dict(pattern="MM", ffn="none"), "ffn"),
+        (dict(n_layers=4, moe_offset=1), "moe_offset"),
+        (dict(n_layers=4, attention_offset=1), "attention_offset"),
     ],
 )
 def test_bad_rules_name_the_key(kw, key):

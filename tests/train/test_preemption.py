@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hybrid.train.checkpoint import find_latest, load_checkpoint
+from hybrid.checkpoint.store import find_latest, load_checkpoint
 
 
 def start(recipe_file, run_dir, *extra, env=None):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from hybrid.checkpoint.store import find_latest, list_checkpoints, load_checkpoint
 from hybrid.recipe.recipe import load_recipe
 from hybrid.recipe.schema import ConfigError
-from hybrid.train.checkpoint import find_latest, list_checkpoints, load_checkpoint
 from hybrid.train.loop import train
 
 

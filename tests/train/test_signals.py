@@ -86,7 +86,7 @@ def test_outside_the_main_thread_it_does_nothing_and_warns(saved_handlers, caplo
 
 LOOP = """
 import sys, time, torch
-from hybrid.train.checkpoint import save_checkpoint
+from hybrid.checkpoint.store import save_checkpoint
 from hybrid.train.signals import PreemptionHandler
 run_dir, step = sys.argv[1], 0
 with PreemptionHandler() as preempt:
@@ -104,7 +104,7 @@ save_checkpoint(run_dir, step, model_state={"w": torch.ones(2)}, train_state={"s
 
 
 def test_intended_loop_saves_and_exits_zero_on_sigterm(tmp_path):
-    from hybrid.train.checkpoint import load_checkpoint
+    from hybrid.checkpoint.store import load_checkpoint
 
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(LOOP), str(tmp_path)],

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid.train.checkpoint import PAUSE_ENV, save_checkpoint
+from hybrid.checkpoint.store import PAUSE_ENV, save_checkpoint
 
 
 def make_state(step: int, version: int, numel: int) -> dict:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from hybrid.recipe.schema import ConfigError
-from hybrid.train.checkpoint import (
+from hybrid.checkpoint.rng import capture_rng_state, restore_rng_state
+from hybrid.checkpoint.store import (
     FILES,
     PAUSE_ENV,
     CheckpointError,
@@ -33,7 +33,7 @@ from hybrid.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from hybrid.train.rng import capture_rng_state, restore_rng_state
+from hybrid.recipe.schema import ConfigError
 
 CHILD = Path(__file__).with_name("ckpt_kill_child.py")
 _spec = importlib.util.spec_from_file_location("ckpt_kill_child", CHILD)
@@ -212,7 +212,7 @@ def test_list_is_sorted_by_step_and_same_step_resave(tmp_path):
 
 
 def test_resave_without_atomic_exchange_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
-    import hybrid.train.checkpoint as ckpt_module
+    import hybrid.checkpoint.store as ckpt_module
 
     save_checkpoint(tmp_path, 5, **tiny_state(1.0))
     monkeypatch.setattr(ckpt_module, "_exchange", lambda a, b: False)
