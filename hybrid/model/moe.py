@@ -205,6 +205,11 @@ class GroupedExperts(nn.Module):
     def forward(self, x_MD: Tensor, counts_E: Tensor, expert_M: Tensor | None = None) -> Tensor:
         """Rows sorted by expert (M, D) -> (M, D). `expert_M` (M,): expert of each row, needed
         only with biases."""
+        return self.ffn(x_MD, counts_E, expert_M)
+
+    def ffn(self, x_MD: Tensor, counts_E: Tensor, expert_M: Tensor | None) -> Tensor:
+        """The expert MLPs on rows grouped by expert (what a parallel wrapper of these experts
+        calls on the rows it holds)."""
         assert not self.has_bias or expert_M is not None, "biased experts need expert_M"
         up_MF = self._proj(x_MD, self.up_proj, self.up_proj_bias, counts_E, expert_M)
         gate_MF = None

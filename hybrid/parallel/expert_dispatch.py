@@ -104,9 +104,7 @@ class ExpertDispatch(GroupedExperts):
         order_R = torch.argsort(local_R, stable=True)
         counts_local = recv_SE.sum(0)
         x_sorted = x_RD[order_R]
-        y_sorted = GroupedExperts.forward(
-            self, x_sorted, counts_local, local_R[order_R] if self.has_bias else None
-        )
+        y_sorted = self.ffn(x_sorted, counts_local, local_R[order_R] if self.has_bias else None)
         if y_sorted.shape[0] == 0 and torch.is_grad_enabled():
             y_sorted = y_sorted + self._zero_link(x_sorted)
         y_RD = torch.empty_like(y_sorted).index_copy(0, order_R, y_sorted)

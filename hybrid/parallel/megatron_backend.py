@@ -3,10 +3,12 @@
 
 Layout: `parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep,
 expert_tensor_parallel_size=tp)`. Each of the world / (tp * pp) data-parallel replicas reads its
-own batches; inside a replica the TP ranks see the same tokens. MoE layers are not split by TP:
-every TP rank runs them, and the experts are split over `ep` ranks of the data-parallel group
-(megatron's expert-parallel group when the expert tensor-parallel size is tp), which hold
-different tokens, through our all-to-all dispatch (`expert_dispatch`).
+own batches; inside a replica the TP ranks see the same tokens. In MoE layers every TP rank
+routes the same tokens (the router is replicated) and holds its slice of every expert's hidden
+size (expert tensor parallelism, `tensor_parallel.shard_moe`); the experts themselves are split
+over `ep` ranks of the data-parallel group (megatron's expert-parallel group when the expert
+tensor-parallel size is tp), which hold different tokens, through our all-to-all dispatch
+(`expert_dispatch`). An expert weight then carries both marks: experts over EP, hidden over TP.
 
 The model is built full, identically, on every rank (same seed) and sharded in place
 (`tensor_parallel.apply_tensor_parallel`), so a TP run starts from the TP=1 weights; every

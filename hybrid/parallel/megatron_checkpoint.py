@@ -52,7 +52,8 @@ class Piece:
     local: Tensor
     global_shape: tuple[int, ...]
     offset: tuple[int, ...]
-    regular: tuple[int, int, int] | None  # (dim, rank, world) when one section
+    regular: tuple[tuple[int, int, int], ...] | None  # (dim, rank, world) per split, when
+    # every split has one section (None also for a replicated tensor)
 
 
 def megatron_group_ranks() -> dict[str, tuple[int, int]]:
@@ -68,32 +69,45 @@ def megatron_group_ranks() -> dict[str, tuple[int, int]]:
     }
 
 
-def _pieces(key: str, local: Tensor, spec: Shard | None, groups: GroupRanks) -> list[Piece]:
-    zeros = (0,) * local.ndim
-    if spec is None:
-        return [Piece(key, local, tuple(local.shape), zeros, None)]
-    if spec.group not in groups:
-        raise KeyError(f"{key} is sharded over group {spec.group!r}, which has no ranks given")
-    rank, world = groups[spec.group]
-    dim = spec.dim
-    full_size = local.shape[dim] * world
-    sizes = spec.section_sizes(full_size)
-    spec.check_divisible(full_size, world, key)
-    shape = list(local.shape)
-    shape[dim] = full_size
-    if len(sizes) == 1:
-        offset = list(zeros)
-        offset[dim] = rank * local.shape[dim]
-        return [Piece(key, local, tuple(shape), tuple(offset), (dim, rank, world))]
-    out, start, local_start = [], 0, 0
+def _level_slices(
+    key: str, local_size: int, level: Shard, groups: GroupRanks
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """(canonical size, [(local start, length, canonical offset)] per section) of one split."""
+    if level.group not in groups:
+        raise KeyError(f"{key} is sharded over group {level.group!r}, which has no ranks given")
+    rank, world = groups[level.group]
+    full_size = local_size * world
+    sizes = level.section_sizes(full_size)
+    level.check_divisible(full_size, world, key)
+    slices, start, local_start = [], 0, 0
     for size in sizes:
         step = size // world
-        offset = list(zeros)
-        offset[dim] = start + rank * step
-        view = local.narrow(dim, local_start, step)
-        out.append(Piece(key, view, tuple(shape), tuple(offset), None))
+        slices.append((local_start, step, start + rank * step))
         start, local_start = start + size, local_start + step
-    return out
+    return full_size, slices
+
+
+def _pieces(key: str, local: Tensor, spec: Shard | None, groups: GroupRanks) -> list[Piece]:
+    """This rank's stored pieces of `local`: one per combination of the sections of its
+    splits (each level of a nested mark splits its own dim)."""
+    shape, offset = list(local.shape), [0] * local.ndim
+    pieces = [(local, offset)]
+    regular: list[tuple[int, int, int]] | None = []
+    for level in shard_spec.levels(spec):
+        dim = level.dim
+        shape[dim], slices = _level_slices(key, local.shape[dim], level, groups)
+        if len(slices) == 1 and regular is not None:
+            rank, world = groups[level.group]
+            regular.append((dim, rank, world))
+        else:
+            regular = None
+        pieces = [
+            (view.narrow(dim, start, length), [*off[:dim], at, *off[dim + 1 :]])
+            for view, off in pieces
+            for start, length, at in slices
+        ]
+    grid = tuple(regular) if regular else None
+    return [Piece(key, view, tuple(shape), tuple(off), grid) for view, off in pieces]
 
 
 def _unwrap(module: nn.Module | list[nn.Module]) -> list[nn.Module]:
@@ -190,7 +204,7 @@ def _sharded_tensor(piece: Piece, replica: int) -> Any:
 
     if piece.regular is not None:
         return ShardedTensor.from_rank_offsets(
-            piece.key, piece.local, piece.regular, replica_id=replica
+            piece.key, piece.local, *piece.regular, replica_id=replica
         )
     return ShardedTensor(
         key=piece.key,

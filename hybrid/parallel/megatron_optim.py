@@ -35,11 +35,11 @@ from hybrid.parallel.tensor_parallel import PARTIAL_GRAD
 
 def _megatron_marks(module: nn.Module) -> None:
     for p in module.parameters():
-        spec = shard_spec.get(p)
-        if spec is not None and spec.group == "tp":
-            p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, spec.dim, 1
-        if spec is not None and spec.group == "ep":
-            p.allreduce = False  # megatron DDP: an expert parameter
+        for level in shard_spec.levels(shard_spec.get(p)):
+            if level.group == "tp":
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, level.dim, 1
+            if level.group == "ep":
+                p.allreduce = False  # megatron DDP: an expert parameter
 
 
 def _transformer_config(model_cfg: Any, dtype: torch.dtype) -> Any:

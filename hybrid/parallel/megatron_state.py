@@ -1,14 +1,17 @@
 """Gradients and canonical state of a model sharded by the megatron backend (CPU or CUDA).
 
 Every sharded parameter carries its `shard_spec.Shard`: group "tp" (megatron's tensor-parallel
-group) or "ep" (its expert-parallel group). Replicated parameters carry none; those whose
-gradient is partial per TP rank are flagged `tensor_parallel.PARTIAL_GRAD`.
+group), "ep" (its expert-parallel group), or both nested (an expert weight whose hidden size is
+split over TP: expert tensor parallelism, with megatron's expert tensor-parallel group equal to
+the TP group). Replicated parameters carry none; those whose gradient is partial per TP rank
+are flagged `tensor_parallel.PARTIAL_GRAD`.
 
 Gradients (`finish_grads`): partial ones summed over TP; dense ones summed over the
 data-parallel group, expert ones over the expert-data-parallel group; both divided by the DP
 size (the trainer scales each rank's loss by the DP size, and an expert's gradient already
 holds the tokens of its whole EP group). `clip_grads` counts each parameter once: squared norms
-of TP shards summed over TP, of EP shards over EP, replicated ones as they are, stages over PP.
+of TP shards summed over TP, of EP shards over EP (and TP when nested), replicated ones as
+they are, stages over PP.
 
 Canonical state: full tensors under single-device names, gathered with `shard_spec.unshard`
 (every rank calls; rank 0's result is complete); loading shards the full tensors again.
@@ -30,18 +33,17 @@ from hybrid.parallel.shard_spec import TIED_COPY_OF
 from hybrid.parallel.tensor_parallel import PARTIAL_GRAD
 from hybrid.recipe.schema import ConfigError
 
+_GROUPS = {"tp": ps.get_tensor_model_parallel_group, "ep": ps.get_expert_model_parallel_group}
+
 
 def _group(spec: shard_spec.Shard) -> dist.ProcessGroup:
-    if spec.group == "tp":
-        return ps.get_tensor_model_parallel_group()
-    if spec.group == "ep":
-        return ps.get_expert_model_parallel_group()
-    raise ValueError(f"unknown shard group {spec.group!r}")
+    if spec.group not in _GROUPS:
+        raise ValueError(f"unknown shard group {spec.group!r}")
+    return _GROUPS[spec.group]()
 
 
-def _group_of(param: Tensor) -> str | None:
-    spec = shard_spec.get(param)
-    return spec.group if spec is not None else None
+def _groups_of(param: Tensor) -> tuple[str, ...]:
+    return shard_spec.groups(shard_spec.get(param))
 
 
 def _all_reduce_coalesced(tensors: list[Tensor], group: dist.ProcessGroup) -> None:
@@ -69,8 +71,8 @@ def finish_grads(params: list[nn.Parameter], dp_size: int) -> None:
     _all_reduce_coalesced(partial, ps.get_tensor_model_parallel_group())
     if dp_size == 1:
         return
-    expert = [p.grad for p in params if _group_of(p) == "ep"]
-    dense = [p.grad for p in params if _group_of(p) != "ep"]
+    expert = [p.grad for p in params if "ep" in _groups_of(p)]
+    dense = [p.grad for p in params if "ep" not in _groups_of(p)]
     _all_reduce_coalesced(dense, ps.get_data_parallel_group())
     _all_reduce_coalesced(expert, ps.get_expert_data_parallel_group())
     for g in dense + expert:
@@ -81,18 +83,18 @@ def finish_grads(params: list[nn.Parameter], dp_size: int) -> None:
 def grad_norm(params: list[nn.Parameter]) -> float:
     """Global L2 norm of the gradients, each parameter counted once."""
     device = params[0].grad.device if params else torch.device("cpu")
-    sq = {key: torch.zeros((), device=device) for key in (None, "tp", "ep")}
+    keys = ((), ("tp",), ("ep",), ("ep", "tp"))  # every rank reduces the same keys, in order
+    sq = {key: torch.zeros((), device=device) for key in keys}
     for p in params:
         if p.grad is not None and not hasattr(p, TIED_COPY_OF):  # the original counts it
-            key = _group_of(p)
+            key = _groups_of(p)
             sq[key] = sq[key] + p.grad.detach().float().square().sum()
-    for key, group in (
-        ("tp", ps.get_tensor_model_parallel_group()),
-        ("ep", ps.get_expert_model_parallel_group()),
-    ):
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(sq[key], group=group)
-    total = sq[None] + sq["tp"] + sq["ep"]
+    for key in keys:
+        for name in key:  # a nested shard's pieces span the EP x TP grid
+            group = _GROUPS[name]()
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(sq[key], group=group)
+    total = sum(sq.values())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return math.sqrt(float(total))
@@ -113,16 +115,21 @@ def clip_grads(params: list[nn.Parameter], max_norm: float | None) -> float:
 
 # -- canonical model state ----------------------------------------------------------------------
 def gather_full(local: Tensor, spec: shard_spec.Shard) -> Tensor:
-    """The canonical tensor of a sharded one (collective over its group)."""
-    group = _group(spec)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return shard_spec.unshard(parts, spec)
+    """The canonical tensor of a sharded one (collective over its groups, innermost first)."""
+    for level in reversed(shard_spec.levels(spec)):
+        group = _group(level)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        local = shard_spec.unshard(parts, level)
+    return local
 
 
 def local_piece(full: Tensor, spec: shard_spec.Shard) -> Tensor:
-    group = _group(spec)
-    return shard_spec.shard(full, spec, dist.get_rank(group), dist.get_world_size(group))
+    """This rank's piece of a canonical tensor."""
+    for level in shard_spec.levels(spec):
+        group = _group(level)
+        full = shard_spec.shard(full, level, dist.get_rank(group), dist.get_world_size(group))
+    return full
 
 
 def _canonical(t: Tensor, cache: dict[int, Tensor]) -> Tensor:

@@ -13,11 +13,17 @@ C and its heads of dt, which is what the sharded mixer computes with.
     spec = Shard(dim=0, sections=(d_inner, d_inner, G * N, G * N, H))
     local = shard(full, spec, rank, world)
     full == unshard([shard(full, spec, r, world) for r in range(world)], spec)
+
+A tensor split over two groups carries nested marks: `Shard(dim=0, group="ep",
+then=Shard(dim=2))` is an expert weight (E, D, F) whose experts are split over the
+expert-parallel group and, inside each rank's experts, whose hidden F is split over the
+tensor-parallel group (expert tensor parallelism). `levels(spec)` lists the splits, outermost
+first; each level splits a different dim, so the order of applying them does not matter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -31,11 +37,13 @@ TIED_COPY_OF = "hybrid_tied_copy_of"
 class Shard:
     """dim: the split axis; sections: canonical sizes along it, each split evenly (None: the
     whole axis is one section); group: which process group splits it ("tp" tensor parallel,
-    "ep" expert parallel)."""
+    "ep" expert parallel); then: a further split of this rank's piece over another group,
+    along another dim (None: this is the only one)."""
 
     dim: int
     sections: tuple[int, ...] | None = None
     group: str = "tp"
+    then: Shard | None = None
 
     def section_sizes(self, full_size: int) -> tuple[int, ...]:
         sizes = self.sections if self.sections is not None else (full_size,)
@@ -52,6 +60,11 @@ class Shard:
                 )
 
 
+def _one_level(spec: Shard) -> None:
+    if spec.then is not None:
+        raise ValueError(f"{spec} is nested: shard or unshard each of its levels()")
+
+
 def local_index(spec: Shard, full_size: int, rank: int, world: int) -> Tensor:
     """Indices along `spec.dim` of the canonical tensor that rank `rank` keeps, in order."""
     spec.check_divisible(full_size, world)
@@ -64,13 +77,16 @@ def local_index(spec: Shard, full_size: int, rank: int, world: int) -> Tensor:
 
 
 def shard(full: Tensor, spec: Shard, rank: int, world: int) -> Tensor:
-    """Rank `rank`'s local piece of the canonical tensor `full` (a new contiguous tensor)."""
+    """Rank `rank`'s local piece of the canonical tensor `full` (a new contiguous tensor);
+    one level of a nested mark at a time (`levels`)."""
+    _one_level(spec)
     idx = local_index(spec, full.shape[spec.dim], rank, world).to(full.device)
     return full.index_select(spec.dim, idx).contiguous()
 
 
 def unshard(locals_: list[Tensor], spec: Shard) -> Tensor:
-    """The canonical tensor from every rank's local piece (rank order)."""
+    """The canonical tensor from every rank's local piece (rank order); one level at a time."""
+    _one_level(spec)
     world = len(locals_)
     local_size = locals_[0].shape[spec.dim]
     full_size = local_size * world
@@ -82,6 +98,30 @@ def unshard(locals_: list[Tensor], spec: Shard) -> Tensor:
         idx = local_index(spec, full_size, rank, world).to(piece.device)
         out.index_copy_(spec.dim, idx, piece)
     return out
+
+
+def levels(spec: Shard | None) -> list[Shard]:
+    """The single-group splits of a (possibly nested) mark, outermost first; [] for None."""
+    out = []
+    while spec is not None:
+        out.append(replace(spec, then=None))
+        spec = spec.then
+    return out
+
+
+def groups(spec: Shard | None) -> tuple[str, ...]:
+    """The groups that split a tensor, outermost first (() when replicated)."""
+    return tuple(level.group for level in levels(spec))
+
+
+def nest(outer: Shard | None, inner: Shard) -> Shard:
+    """`outer` further split by `inner` (a new innermost level); `inner` alone for None."""
+    if outer is None:
+        return inner
+    taken = levels(outer)
+    if inner.dim in {t.dim for t in taken} or inner.group in {t.group for t in taken}:
+        raise ValueError(f"{inner} splits a dim or group that {outer} already splits")
+    return replace(outer, then=nest(outer.then, inner) if outer.then else inner)
 
 
 def mark(param: Tensor, spec: Shard) -> Tensor:

@@ -13,8 +13,12 @@ keeping every parameter's name. Communication uses megatron-core's pieces:
                (x, B, C), dt_bias / A_log / D by heads, gated norm by groups, out_proj
                row-parallel (n_groups % tp == 0, so no norm group spans ranks)
     MLP        gate/up column-parallel, down row-parallel
-    MoE        replicated over TP (each TP rank runs it on the same tokens; experts are split
-               by expert parallelism instead, see expert_dispatch)
+    MoE        router replicated (every TP rank routes the same tokens); each expert's
+               hidden size split over TP (expert tensor parallelism, megatron's
+               expert_tensor_parallel_size = tp): gate/up by columns, down by rows, the
+               partial outputs summed over TP before the down bias; shared experts as an MLP.
+               Experts split over ranks by expert parallelism come first (expert_dispatch):
+               their weights carry both marks, experts over "ep", then hidden over "tp"
     head       vocab-sharded weight; `model.loss_fn` becomes the vocab-parallel CE
 
 Megatron's own `ColumnParallelLinear` / `RowParallelLinear` are not used: they work on
@@ -49,9 +53,11 @@ from torch import Tensor, nn
 from hybrid.model.attention import Attention
 from hybrid.model.lm import IGNORE_INDEX, HybridLM, LMHead
 from hybrid.model.mamba2 import Mamba2Mixer
-from hybrid.model.mlp import MLP
-from hybrid.model.moe import MoE
+from hybrid.model.mlp import MLP, apply_activation
+from hybrid.model.moe import GroupedExperts, MoE
+from hybrid.ops.moe import grouped_mm
 from hybrid.parallel import shard_spec
+from hybrid.parallel.expert_dispatch import ExpertDispatch
 from hybrid.parallel.shard_spec import Shard
 from hybrid.recipe.model_config import ModelConfig
 from hybrid.recipe.schema import ConfigError
@@ -86,6 +92,10 @@ def validate_tp(cfg: ModelConfig, tp: int) -> None:
         needs += [(m.n_heads(cfg.d_model), "Mamba heads"), (m.n_groups, "model.mamba.n_groups")]
     if "-" in symbols:
         needs.append((cfg.mlp.resolved_hidden(cfg.d_model), "model.mlp hidden size"))
+    if "E" in symbols:
+        needs.append((cfg.moe.expert_hidden(cfg.d_model), "MoE expert hidden size"))
+        if cfg.moe.n_shared_experts:
+            needs.append((cfg.moe.shared_hidden(cfg.d_model), "MoE shared-expert hidden size"))
     for size, what in needs:
         if size % tp:
             raise ConfigError(
@@ -102,7 +112,8 @@ def _shard_param(module: nn.Module, name: str, spec: Shard, tp: TPContext) -> No
     local.requires_grad_(full.requires_grad)
     for attr, value in vars(full).items():  # keep marks such as _no_weight_decay
         setattr(local, attr, value)
-    setattr(module, name, shard_spec.mark(local, spec))
+    # an expert-parallel shard split again over TP carries both marks
+    setattr(module, name, shard_spec.mark(local, shard_spec.nest(shard_spec.get(full), spec)))
 
 
 def _flag_partial(module: nn.Module | None) -> None:
@@ -181,8 +192,9 @@ def _enter_hook(tp: TPContext) -> Callable:
 
 
 def _replicated_hooks(module: nn.Module, tp: TPContext) -> None:
-    """Under SP, a TP-replicated mixer (MoE) runs on the whole sequence: gather its input (the
-    gradient is split back, as every rank computes the same) and keep this rank's output part."""
+    """Under SP, the MoE (its router replicated over TP) runs on the whole sequence: gather its
+    input (the gradient is split back, as every rank computes the same) and keep this rank's
+    output part."""
 
     def pre(module: nn.Module, args: tuple) -> tuple:
         x, *rest = args
@@ -232,6 +244,56 @@ def shard_mlp(mlp: MLP, tp: TPContext) -> None:
         if lin is not None:
             _column(lin, tp)
     _row(mlp.down_proj, tp)
+
+
+def _tp_expert_ffn(
+    experts: GroupedExperts, x_MD: Tensor, counts_E: Tensor, expert_M: Tensor | None
+) -> Tensor:
+    """The expert MLPs with this rank's slice of every expert's hidden size: the rows enter the
+    TP region (their gradient is summed over TP), the partial down projections are summed over
+    TP, then the (replicated) down bias is added once."""
+    group = experts.tp_group
+    x_MD = mappings.copy_to_tensor_model_parallel_region(x_MD, group=group)
+    up_MF = experts._proj(x_MD, experts.up_proj, experts.up_proj_bias, counts_E, expert_M)
+    gate_MF = None
+    if experts.gate_proj is not None:
+        gate_MF = experts._proj(x_MD, experts.gate_proj, experts.gate_proj_bias, counts_E, expert_M)
+    h_MF = apply_activation(experts.activation, up_MF, gate_MF)
+    y_MD = mappings.reduce_from_tensor_model_parallel_region(
+        grouped_mm(h_MF, experts.down_proj, counts_E), group=group
+    )
+    return y_MD if experts.down_proj_bias is None else y_MD + experts.down_proj_bias[expert_M]
+
+
+class TensorParallelExperts(GroupedExperts):
+    """`GroupedExperts` holding its TP slice of each expert's hidden size."""
+
+    tp_group: dist.ProcessGroup
+    ffn = _tp_expert_ffn
+
+
+class TensorParallelExpertDispatch(ExpertDispatch):
+    """This rank's expert-parallel experts (`ExpertDispatch`), each split over TP as well."""
+
+    tp_group: dist.ProcessGroup
+    ffn = _tp_expert_ffn
+
+
+def shard_moe(moe: MoE, tp: TPContext) -> None:
+    experts = moe.experts
+    for name in ("gate_proj", "up_proj"):  # (E, D, F)
+        _shard_param(experts, name, Shard(dim=2), tp)
+    for name in ("gate_proj_bias", "up_proj_bias"):  # (E, F)
+        _shard_param(experts, name, Shard(dim=1), tp)
+    _shard_param(experts, "down_proj", Shard(dim=1), tp)  # (E, F, D); its bias stays whole
+    dispatched = isinstance(experts, ExpertDispatch)
+    experts.__class__ = TensorParallelExpertDispatch if dispatched else TensorParallelExperts
+    experts.tp_group = tp.group
+    if moe.shared_experts is not None:
+        # inside the MoE every TP rank holds the whole sequence (see _replicated_hooks)
+        whole = TPContext(group=tp.group, sequence_parallel=False)
+        shard_mlp(moe.shared_experts, whole)
+        moe.shared_experts.register_forward_pre_hook(_enter_hook(whole))
 
 
 SHARDERS: dict[type, Callable[[nn.Module, TPContext], None]] = {
@@ -359,6 +421,7 @@ def apply_tensor_parallel(
             sharder(mixer, tp)
             mixer.register_forward_pre_hook(_enter_hook(tp))
         elif isinstance(mixer, MoE):
+            shard_moe(mixer, tp)
             if sequence_parallel:
                 _replicated_hooks(mixer, tp)
         else:

@@ -263,7 +263,17 @@ def test_ssd_backward_grid_orders_agree(heads_first: bool, blocks_first: bool) -
     """The backward kernels' program orders (heads of a chunk side by side share its B and C
     in the L2) give the same gradients, bit for bit: no program's work depends on when it
     runs."""
-    t, extra, gy, _ = make_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
+    args = _bwd_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
+    ref = triton_mod._chunk_bwd(*args, heads_first=not heads_first, blocks_first=not blocks_first)
+    other = triton_mod._chunk_bwd(*args, heads_first=heads_first, blocks_first=blocks_first)
+    for a, b in zip(ref, other):
+        assert torch.equal(a, b)
+
+
+def _bwd_inputs(case: Case) -> tuple:
+    """The chunk backward's inputs (ypre, per-chunk states and state gradients from the
+    other kernels) for a case with z and documents."""
+    t, extra, gy, _ = make_inputs(case)
     x, dt, A, B, C, D, z, dtb = (t[k].detach() for k in ("x", "dt", "A", "B", "C", "D", "z",
                                                          "dt_bias"))  # fmt: skip
     seq = extra["seq_idx"].to(torch.int32)
@@ -276,12 +286,8 @@ def test_ssd_backward_grid_orders_agree(heads_first: bool, blocks_first: bool) -
         x, dt, A, B, C, None, None, dtb, None, seq, *proc, write_y=False, write_ypre=False,
         store_states=True, chunk=triton_mod.KERNEL_CHUNK,
     )  # fmt: skip
-    dstates, _ = triton_mod._dstates(gy, None, z, dt, A, C, dtb, seq, *proc, 4, 16)
-    args = (x, gy, z, ypre, dt, A, B, C, D, dtb, seq, states, dstates, *proc)
-    ref = triton_mod._chunk_bwd(*args, heads_first=not heads_first, blocks_first=not blocks_first)
-    other = triton_mod._chunk_bwd(*args, heads_first=heads_first, blocks_first=blocks_first)
-    for a, b in zip(ref, other):
-        assert torch.equal(a, b)
+    dstates, _ = triton_mod._dstates(gy, None, z, dt, A, C, dtb, seq, *proc, case.H, case.P)
+    return (x, gy, z, ypre, dt, A, B, C, D, dtb, seq, states, dstates, *proc)
 
 
 def test_ssd_forward_walk_candidates_agree() -> None:

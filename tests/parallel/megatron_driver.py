@@ -12,6 +12,9 @@ Cases: tp2 (TP=2, DP=1), tp2_tied (tied embeddings, GQA, attention bias, QK-norm
 ep2 (TP=1, EP=2, DP=2), sp2 (TP=2 with sequence parallelism; megatron-core allocates the
 outputs of its sequence gather / reduce-scatter on `torch.cuda.current_device()`, so on a
 machine without CUDA this case points that call at the CPU; gloo has both collectives).
+tp2_ep2 (4 processes: TP=2 x EP=2 with SP; each expert weight split over EP, then its hidden
+size over TP) also writes the sharded model with `save_sharded` and consolidates it:
+"checkpoint" is the largest difference from the gathered canonical state (0: same bytes).
 
 distopt_ep2, distopt_tp2: 3 optimizer steps (AdamW, weight decay, clipping) through megatron's
 DDP + distributed optimizer (`megatron_optim.Engine`) against the backend's plain path; the
@@ -75,8 +78,9 @@ CASES = {
     "ep2": dict(ep=2, tied=False),
     "sp2": dict(tp=2, sequence_parallel=True, tied=True),
     # 4 processes: TP=2 x DP=2, the experts split over the 2 data-parallel ranks
-    "tp2_ep2": dict(tp=2, ep=2, sequence_parallel=True, tied=False),
+    "tp2_ep2": dict(tp=2, ep=2, sequence_parallel=True, tied=False, checkpoint=True),
 }
+OUT_DIR = "."  # the output file's folder (checkpoints of the checkpoint cases go there)
 
 
 def batches(n: int, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -121,6 +125,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_case(name: str) -> dict:
     opts = dict(CASES[name])
     cfg = model_config(opts.pop("tied"))
+    checkpoint = opts.pop("checkpoint", False)
     backend = MegatronBackend(device=DEVICE.type, **opts)
     dp, dp_rank = backend.data_parallel_size, backend.data_parallel_rank
     data = batches(dp, cfg.vocab_size)
@@ -148,8 +153,31 @@ def run_case(name: str) -> dict:
     assert grads.keys() == ref["grads"].keys(), sorted(set(grads) ^ set(ref["grads"]))
     errors["grads"] = {k: rel(g, ref["grads"][k]) for k, g in grads.items()}
     errors["sharded"] = sorted(k for k, p in module.named_parameters() if shard_spec.get(p))
+    errors["nested"] = sorted(
+        k for k, p in module.named_parameters() if len(shard_spec.groups(shard_spec.get(p))) > 1
+    )
+    if checkpoint:
+        errors["checkpoint"] = checkpoint_error(module, os.path.join(OUT_DIR, f"{name}.ckpt"))
     backend.close()
     return errors
+
+
+def checkpoint_error(module: torch.nn.Module, directory: str) -> float:
+    """Save the sharded model with dist_checkpointing, consolidate it (every rank) and compare
+    with the canonical state gathered through the shard marks (inf on a key mismatch)."""
+    from hybrid.parallel.megatron_checkpoint import consolidate, megatron_group_ranks, save_sharded
+
+    canonical = megatron_state.canonical_model_state(module)
+    patches = contextlib.ExitStack()
+    if DEVICE.type == "cpu":  # megatron's save path calls these two for CPU tensors too
+        patches.enter_context(mock.patch("torch.cuda.synchronize", lambda *a, **k: None))
+        patches.enter_context(mock.patch("torch.cuda.current_device", return_value="cpu"))
+    with patches:
+        save_sharded(module, None, directory, groups=megatron_group_ranks())
+    stored = consolidate(directory)  # collective inside a process group: every rank reads
+    if stored.keys() != canonical.keys():
+        return float("inf")
+    return max(float((stored[k].cpu() - v).abs().max()) for k, v in canonical.items())
 
 
 @contextlib.contextmanager
@@ -234,6 +262,8 @@ def run_distopt(name: str) -> dict:
 
 
 def main(out_path: str, names: list[str]) -> None:
+    global OUT_DIR
+    OUT_DIR = os.path.dirname(os.path.abspath(out_path))
     if DEVICE.type == "cuda":  # fp32 references: no TF32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

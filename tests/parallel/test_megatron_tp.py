@@ -78,11 +78,16 @@ def test_sharded_forward_and_gradients_equal_single_device(equivalence, case):
 @pytest.mark.slow
 def test_tp2_ep2_sequence_parallel_on_4_processes(tmp_path):
     """TP=2 x DP=2 with sequence parallelism, the experts split over the data-parallel ranks
-    (megatron's expert-parallel group when the expert tensor-parallel size is tp)."""
+    (megatron's expert-parallel group when the expert tensor-parallel size is tp) and each
+    expert's hidden size over TP; the sharded checkpoint consolidates to the canonical state."""
     launch([str(HERE / "megatron_driver.py"), str(tmp_path / "out.json"), "tp2_ep2"], tmp_path, 4)
-    test_sharded_forward_and_gradients_equal_single_device(
-        json.loads((tmp_path / "out.json").read_text()), "tp2_ep2"
-    )
+    results = json.loads((tmp_path / "out.json").read_text())
+    test_sharded_forward_and_gradients_equal_single_device(results, "tp2_ep2")
+    # expert tensor parallelism inside expert parallelism: both marks, and dist_checkpointing
+    # stores the EP x TP grid of pieces so that consolidation gives the canonical tensors
+    experts = {f"layers.3.mixer.experts.{w}" for w in ("gate_proj", "up_proj", "down_proj")}
+    assert set(results["tp2_ep2"]["nested"]) == experts
+    assert results["tp2_ep2"]["checkpoint"] == 0.0
 
 
 def test_what_is_sharded(equivalence):
@@ -91,10 +96,13 @@ def test_what_is_sharded(equivalence):
         assert name in tp
     assert "layers.0.mixer.conv1d.weight" in tp and "layers.1.mixer.o_proj.weight" in tp
     assert "layers.0.mixer.norm.weight" in tp  # Mamba's gated norm, by groups
-    replicated = (".experts.", "router", "layers.0.norm.", "norm_f.", "shared_experts")
+    experts = {f"layers.3.mixer.experts.{w}" for w in ("gate_proj", "up_proj", "down_proj")}
+    assert experts <= tp  # expert tensor parallelism: each expert's hidden size over TP
+    assert {f"layers.3.mixer.shared_experts.{w}_proj.weight" for w in ("gate", "up", "down")} <= tp
+    replicated = ("router", "layers.0.norm.", "norm_f.")
     assert not any(word in n for n in tp for word in replicated)
     ep = set(equivalence["ep2"]["sharded"])
-    assert ep == {f"layers.3.mixer.experts.{w}" for w in ("gate_proj", "up_proj", "down_proj")}
+    assert ep == experts
 
 
 @pytest.mark.parametrize("case", DISTOPT)

@@ -36,3 +36,33 @@ def test_mark_and_get() -> None:
     assert shard_spec.get(p) is None
     spec = Shard(dim=0, group="ep")
     assert shard_spec.get(shard_spec.mark(p, spec)) == spec
+
+
+def test_nested_marks_list_their_levels_and_round_trip() -> None:
+    """An expert weight (E, D, F): experts over "ep", then F over "tp" (expert tensor
+    parallelism). Sharding level by level and unsharding in reverse gives the canonical tensor
+    back, whichever (ep rank, tp rank) holds the piece."""
+    ep, tp = Shard(dim=0, group="ep"), Shard(dim=2)
+    spec = shard_spec.nest(ep, tp)
+    assert shard_spec.levels(spec) == [ep, tp] and shard_spec.groups(spec) == ("ep", "tp")
+    assert shard_spec.nest(None, tp) == tp and shard_spec.levels(None) == []
+    full = torch.randn(4, 3, 8)
+    pieces = {
+        (e, t): shard_spec.shard(shard_spec.shard(full, ep, e, 2), tp, t, 2)
+        for e in range(2)
+        for t in range(2)
+    }
+    assert pieces[(1, 0)].shape == (2, 3, 4)
+    assert torch.equal(pieces[(1, 0)], full[2:, :, :4])
+    per_ep = [shard_spec.unshard([pieces[(e, t)] for t in range(2)], tp) for e in range(2)]
+    assert torch.equal(shard_spec.unshard(per_ep, ep), full)
+
+
+def test_nesting_refuses_a_split_dim_or_group_twice_and_one_level_helpers_refuse_nests() -> None:
+    ep = Shard(dim=0, group="ep")
+    with pytest.raises(ValueError, match="already splits"):
+        shard_spec.nest(ep, Shard(dim=0))
+    with pytest.raises(ValueError, match="already splits"):
+        shard_spec.nest(ep, Shard(dim=1, group="ep"))
+    with pytest.raises(ValueError, match="levels"):
+        shard_spec.shard(torch.zeros(4, 4), shard_spec.nest(ep, Shard(dim=1)), 0, 2)
