@@ -1,0 +1,131 @@
+"""Registers, spill bytes and shared memory of the SSD kernels for sm_90, without a GPU.
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0   # the GPU image's Triton, with ptxas
+    PYTHONPATH=/tmp/t36 python tools/ssd_registers.py fwd: fwd:warps=8 dx:BNK=128 dbc: dstate:
+
+Each argument is KERNEL:KEY=VALUE,... with KERNEL one of fwd (forward walk), dx, dbc (dB/dC),
+dstate (state gradients) and keys among Q, BP, BN / BNK / BNB, warps, stages, cb, y, store
+(see the functions below for the defaults: the N = 256 launch). The kernel is compiled to PTX
+by Triton for an sm_90 target and assembled by `ptxas -v`, which reports what the GPU would
+use; it needs a ptxas that accepts Triton's PTX version (Triton 3.6's bundled one does; pass
+--ptxas otherwise). Timings still need the GPU (tools/tune_ssd.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+
+from hybrid_kernels import ssd_triton as k  # noqa: E402
+
+FP32_PTRS = {
+    "A_ptr", "D_ptr", "dtb_ptr", "init_ptr", "cb_ptr", "final_ptr", "decay_ptr", "ends_ptr",
+    "ddt_ptr", "dA_ptr", "dD_ptr", "dinit_ptr", "dfinal_ptr", "dB_ptr", "dC_ptr",
+}  # fmt: skip
+FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32")
+
+
+def _arg_type(name: str, consts: dict) -> str:
+    if name in consts:
+        return "constexpr"
+    if name.endswith("_ptr"):
+        return "*i32" if name == "seq_ptr" else "*fp32" if name in FP32_PTRS else "*bf16"
+    return "fp32" if name in ("dt_min", "dt_max") else "i32"
+
+
+def resources(fn, consts: dict, warps: int, stages: int, ptxas: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, shared memory bytes) of `fn` compiled with `consts`."""
+    names = fn.arg_names
+    sig = {n: _arg_type(n, consts) for n in names}
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}
+    )
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        out = subprocess.run(
+            [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    text = out.stderr + out.stdout
+    regs, spills = (
+        re.search(r"Used (\d+) registers", text),
+        re.search(r"(\d+) bytes spill stores", text),
+    )
+    if regs is None or spills is None:
+        raise RuntimeError(f"ptxas said: {text.strip()[-300:]}")
+    return int(regs.group(1)), int(spills.group(1)), compiled.metadata.shared
+
+
+def fwd(BP=64, BN=256, Q=64, warps=4, stages=1, cb=True, store=False, y=True) -> tuple:
+    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_INIT=False, WRITE_Y=y, WRITE_YPRE=False,
+                  STORE_STATES=store, WRITE_FINAL=True, WRITE_DECAY=False, HAS_CB=cb,
+                  CHAIN=False, Q=Q, BP=BP, BN=BN)  # fmt: skip
+    return k._ssd_scan_fwd_kernel, consts, warps, stages
+
+
+def dx(Q=64, BP=64, BNK=128, warps=4, stages=1) -> tuple:
+    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, Q=Q, BP=BP, BNK=BNK, HEADS_FIRST=True)
+    return k._ssd_dx_bwd_kernel, consts, warps, stages
+
+
+def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2) -> tuple:
+    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, BLOCKS_FIRST=False)
+    return k._ssd_dbc_bwd_kernel, consts, warps, stages
+
+
+def dstate(Q=64, BP=64, BN=256, warps=4, stages=2) -> tuple:
+    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, Q=Q, BP=BP, BN=BN)
+    return k._ssd_dstate_bwd_kernel, consts, warps, stages
+
+
+KERNELS = {"fwd": fwd, "dx": dx, "dbc": dbc, "dstate": dstate}
+
+
+def _default_ptxas() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return str(bundled) if bundled.exists() else shutil.which("ptxas") or "ptxas"
+
+
+def _parse(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    if name not in KERNELS:
+        raise SystemExit(f"unknown kernel {name!r} in {spec!r}: use one of {', '.join(KERNELS)}")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = (
+            {"True": True, "False": False}.get(value) if value in ("True", "False") else int(value)
+        )
+    return name, kwargs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("specs", nargs="+", help="KERNEL:KEY=VALUE,... (e.g. fwd:warps=8)")
+    parser.add_argument("--ptxas", default=_default_ptxas(), help="ptxas to assemble with")
+    args = parser.parse_args(argv)
+    print(f"{'launch':40} {'regs':>5} {'spill B':>8} {'smem B':>8}")
+    for spec in args.specs:
+        name, kwargs = _parse(spec)
+        regs, spills, smem = resources(*KERNELS[name](**kwargs), ptxas=args.ptxas)
+        print(f"{spec:40} {regs:5d} {spills:8d} {smem:8d}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
