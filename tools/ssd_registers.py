@@ -33,6 +33,7 @@ FP32_PTRS = {
     "A_ptr", "D_ptr", "dtb_ptr", "init_ptr", "cb_ptr", "final_ptr", "decay_ptr", "ends_ptr",
     "ddt_ptr", "dA_ptr", "dD_ptr", "dinit_ptr", "dfinal_ptr", "dB_ptr", "dC_ptr",
 }  # fmt: skip
+DIV16 = {"L", "H", "P", "N", "nchunks"}
 FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32")
 
 
@@ -48,8 +49,13 @@ def resources(fn, consts: dict, warps: int, stages: int, ptxas: str) -> tuple[in
     """(registers, spill store bytes, shared memory bytes) of `fn` compiled with `consts`."""
     names = fn.arg_names
     sig = {n: _arg_type(n, consts) for n in names}
+    # As Triton's launcher specializes them on the GPU: pointers, strides and sizes that are
+    # multiples of 16 at the issue's shapes get the divisibility hint (vector loads need it).
+    aligned = {i: [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if n not in consts and (n.endswith("_ptr") or n.startswith("s_") or n in DIV16)}  # fmt: skip
     src = ASTSource(
-        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}
+        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()},
+        attrs={(i,): a for i, a in aligned.items()},
     )
     compiled = triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
