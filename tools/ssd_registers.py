@@ -45,17 +45,22 @@ def _arg_type(name: str, consts: dict) -> str:
     return "fp32" if name in ("dt_min", "dt_max") else "i32"
 
 
+def _aligned(name: str) -> bool:
+    return name.endswith("_ptr") or name.startswith("s_") or name in DIV16
+
+
 def resources(fn, consts: dict, warps: int, stages: int, ptxas: str) -> tuple[int, int, int]:
     """(registers, spill store bytes, shared memory bytes) of `fn` compiled with `consts`."""
     names = fn.arg_names
     sig = {n: _arg_type(n, consts) for n in names}
     # As Triton's launcher specializes them on the GPU: pointers, strides and sizes that are
     # multiples of 16 at the issue's shapes get the divisibility hint (vector loads need it).
-    aligned = {i: [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if n not in consts and (n.endswith("_ptr") or n.startswith("s_") or n in DIV16)}  # fmt: skip
+    hinted = [i for i, n in enumerate(names) if n not in consts and _aligned(n)]
     src = ASTSource(
-        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()},
-        attrs={(i,): a for i, a in aligned.items()},
+        fn=fn,
+        signature=sig,
+        constexprs={(names.index(n),): v for n, v in consts.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in hinted},
     )
     compiled = triton.compile(
         src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)

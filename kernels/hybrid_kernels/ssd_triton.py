@@ -820,8 +820,8 @@ def _ssd_fwd_op(
 
 
 @torch.library.register_fake("hybrid_kernels::ssd_fwd", lib=_LIB)
-def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min, dt_max,
-      keep_ypre):  # fmt: skip
+def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min,
+                  dt_max, keep_ypre):  # fmt: skip
     batch, _, H, P = x.shape
     N = B.shape[-1]
     ypre = torch.empty_like(x) if keep_ypre and z is not None else x.new_empty(0)
@@ -876,8 +876,8 @@ def _ssd_bwd_op(
 
 
 @torch.library.register_fake("hybrid_kernels::ssd_bwd", lib=_LIB)
-def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, z, ypre, dt_bias, initial_states, seq_idx, dt_softplus,
-      dt_min, dt_max):  # fmt: skip
+def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, z, ypre, dt_bias, initial_states, seq_idx,
+                  dt_softplus, dt_min, dt_max):  # fmt: skip
     def like(t: Tensor | None) -> Tensor:
         return torch.empty_like(t) if t is not None else x.new_empty(0)
 
