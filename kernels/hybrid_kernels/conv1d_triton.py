@@ -21,10 +21,10 @@ Kernels, top-down:
   them as partial sums, which `torch.sum` reduces in a fixed order: the backward is deterministic
   (no atomics). The programs of the first run also write the initial-state gradient.
 
-Custom ops (`torch.library.custom_op`, namespace `hybrid_kernels`): `causal_conv1d_fwd` and
-`causal_conv1d_bwd`, with fake implementations and the autograd formula registered on the
-forward op (`register_autograd` plays the role of an autograd Function), so `torch.compile`
-traces `causal_conv1d_triton` as one opaque node with its backward.
+Ops (`torch.library`, namespace `hybrid_kernels`, see `_triton_utils.library_op`):
+`causal_conv1d_fwd` and `causal_conv1d_bwd`, with fake implementations, called through an
+autograd Function, so `torch.compile` traces `causal_conv1d_triton` as opaque nodes with their
+backward.
 
 Shape legend: B batch, L length, D channels, K width, W = K - 1, and in kernels BL/BD/BW the
 position/channel/state blocks. Computation is in fp32 (fp64 for fp64 inputs).
@@ -37,7 +37,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid_kernels._triton_utils import check_launchable, device_guard, interpreting, num_sms
+from hybrid_kernels._triton_utils import (
+    check_launchable,
+    device_guard,
+    differentiable,
+    interpreting,
+    library_op,
+    num_sms,
+)
 from hybrid_kernels.conv1d_ref import _check_activation, _check_shapes
 
 INTERPRETED = interpreting()  # how this module's kernels were decorated (see _triton_utils)
@@ -404,8 +411,7 @@ def _conv1d_bwd(
 # -- custom ops and autograd -----------------------------------------------------------------
 
 
-@torch.library.custom_op("hybrid_kernels::causal_conv1d_fwd", mutates_args=())
-def _conv1d_fwd_op(
+def _conv1d_fwd_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -416,14 +422,12 @@ def _conv1d_fwd_op(
     return _conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu)
 
 
-@_conv1d_fwd_op.register_fake
-def _(x, weight, bias, seq_idx, initial_states, silu):
+def _conv1d_fwd_fake(x, weight, bias, seq_idx, initial_states, silu):
     batch, L, D = x.shape
     return x.new_empty(batch, L, D), x.new_empty(batch, D, weight.shape[1] - 1)
 
 
-@torch.library.custom_op("hybrid_kernels::causal_conv1d_bwd", mutates_args=())
-def _conv1d_bwd_op(
+def _conv1d_bwd_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -440,8 +444,7 @@ def _conv1d_bwd_op(
     return dx, dw, db if db is not None else empty, dinit if dinit is not None else empty.clone()
 
 
-@_conv1d_bwd_op.register_fake
-def _(x, weight, bias, seq_idx, initial_states, dy, dfinal, silu):
+def _conv1d_bwd_fake(x, weight, bias, seq_idx, initial_states, dy, dfinal, silu):
     batch, L, D = x.shape
     db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     dinit = initial_states.new_empty(initial_states.shape) if initial_states is not None else None
@@ -451,6 +454,10 @@ def _(x, weight, bias, seq_idx, initial_states, dy, dfinal, silu):
         db,
         dinit if dinit is not None else x.new_empty(0),
     )
+
+
+_conv1d_fwd_op = library_op("causal_conv1d_fwd", _conv1d_fwd_impl, _conv1d_fwd_fake)
+_conv1d_bwd_op = library_op("causal_conv1d_bwd", _conv1d_bwd_impl, _conv1d_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -476,7 +483,7 @@ def _backward(ctx, dy, dfinal):
     )
 
 
-_conv1d_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_conv1d = differentiable(_conv1d_fwd_op, _setup_context, _backward)
 
 
 # -- public function -------------------------------------------------------------------------
@@ -513,7 +520,7 @@ def causal_conv1d_triton(
         raise ValueError(f"causal_conv1d_triton: seq_idx must be integer, got {seq_idx.dtype}")
     if initial_states is not None:
         initial_states = initial_states.to(x.dtype)
-    y, final = _conv1d_fwd_op(x, weight, bias, seq_idx, initial_states, activation is not None)
+    y, final = _conv1d(x, weight, bias, seq_idx, initial_states, activation is not None)
     return (y, final) if return_final_states else y
 
 

@@ -21,10 +21,10 @@ in column chunks twice per row block: once for the row statistics, once for the 
 second pass reads from cache). The backward then adds each chunk's weight-gradient terms to its
 own row of partials in memory, which no other program touches.
 
-Custom ops (`torch.library.custom_op`, namespace `hybrid_kernels`): `gated_rmsnorm_fwd` and
-`gated_rmsnorm_bwd`, with fake implementations and the autograd formula registered on the
-forward op (`register_autograd` plays the role of an autograd Function), so `torch.compile`
-traces `gated_rmsnorm_triton` as one opaque node with its backward.
+Ops (`torch.library`, namespace `hybrid_kernels`, see `_triton_utils.library_op`):
+`gated_rmsnorm_fwd` and `gated_rmsnorm_bwd`, with fake implementations, called through an
+autograd Function, so `torch.compile` traces `gated_rmsnorm_triton` as opaque nodes with their
+backward.
 
 Shape legend: M rows (all leading dims), D channels, G groups, S group size (D = G * S); in
 kernels BM/BS the row/column blocks. Computation is in fp32 (fp64 for fp64 inputs).
@@ -37,7 +37,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid_kernels._triton_utils import check_launchable, device_guard, interpreting, num_sms
+from hybrid_kernels._triton_utils import (
+    check_launchable,
+    device_guard,
+    differentiable,
+    interpreting,
+    library_op,
+    num_sms,
+)
 
 INTERPRETED = interpreting()  # how this module's kernels were decorated (see _triton_utils)
 LOOP_COLS = 512  # column chunk of groups too wide for one tile (see _blocks)
@@ -341,21 +348,18 @@ def _gated_rmsnorm_bwd(
 # -- custom ops and autograd -----------------------------------------------------------------
 
 
-@torch.library.custom_op("hybrid_kernels::gated_rmsnorm_fwd", mutates_args=())
-def _gated_rmsnorm_fwd_op(
+def _gated_rmsnorm_fwd_impl(
     x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float, group_size: int,
     norm_before_gate: bool,
 ) -> Tensor:  # fmt: skip
     return _gated_rmsnorm_fwd(x, z, weight, eps, group_size, norm_before_gate)
 
 
-@_gated_rmsnorm_fwd_op.register_fake
-def _(x, z, weight, eps, group_size, norm_before_gate):
+def _gated_rmsnorm_fwd_fake(x, z, weight, eps, group_size, norm_before_gate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("hybrid_kernels::gated_rmsnorm_bwd", mutates_args=())
-def _gated_rmsnorm_bwd_op(
+def _gated_rmsnorm_bwd_impl(
     dy: Tensor, x: Tensor, z: Tensor | None, weight: Tensor | None, eps: float,
     group_size: int, norm_before_gate: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -365,11 +369,18 @@ def _gated_rmsnorm_bwd_op(
     return dx, dz if dz is not None else x.new_empty(0), dw if dw is not None else x.new_empty(0)
 
 
-@_gated_rmsnorm_bwd_op.register_fake
-def _(dy, x, z, weight, eps, group_size, norm_before_gate):
+def _gated_rmsnorm_bwd_fake(dy, x, z, weight, eps, group_size, norm_before_gate):
     dz = z.new_empty(z.shape) if z is not None else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
     return x.new_empty(x.shape), dz, dw
+
+
+_gated_rmsnorm_fwd_op = library_op(
+    "gated_rmsnorm_fwd", _gated_rmsnorm_fwd_impl, _gated_rmsnorm_fwd_fake
+)
+_gated_rmsnorm_bwd_op = library_op(
+    "gated_rmsnorm_bwd", _gated_rmsnorm_bwd_impl, _gated_rmsnorm_bwd_fake
+)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -384,7 +395,7 @@ def _backward(ctx, dy):
     return dx, dz if z is not None else None, dw if weight is not None else None, None, None, None
 
 
-_gated_rmsnorm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_gated_rmsnorm = differentiable(_gated_rmsnorm_fwd_op, _setup_context, _backward)
 
 
 # -- public functions ------------------------------------------------------------------------
@@ -414,7 +425,7 @@ def gated_rmsnorm_triton(
         raise ValueError(f"gated_rmsnorm_triton: x must be a float tensor, got {x.dtype}")
     group_size = group_size if group_size is not None else x.shape[-1]
     _check(x, z, weight, group_size)
-    return _gated_rmsnorm_fwd_op(x, z, weight, float(eps), int(group_size), bool(norm_before_gate))
+    return _gated_rmsnorm(x, z, weight, float(eps), int(group_size), bool(norm_before_gate))
 
 
 def rmsnorm_triton(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:

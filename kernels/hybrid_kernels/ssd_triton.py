@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid_kernels._triton_utils import LaunchTuner
+from hybrid_kernels._triton_utils import LaunchTuner, differentiable, library_op
 from hybrid_kernels.ssd_ref import _check_shapes
 
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
@@ -784,29 +784,12 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     return dx, dz, ddt, dB.sum(0), dC.sum(0), dA.sum(0), dD_sum
 
 
-# -- custom ops and autograd -----------------------------------------------------------------
+# -- ops and autograd ------------------------------------------------------------------------
 # `hybrid_kernels::ssd_fwd` / `ssd_bwd` are opaque to torch.compile (fake implementations give
-# the shapes), so a compiled model calls the kernels as they are. They are declared through
-# `torch.library.Library` and differentiated by an `autograd.Function` rather than with
-# `custom_op` + `register_autograd`: that wrapper's per-call argument handling cost as much host
-# time as the forward walk's GPU time at B4 L4096 (about 0.2 against 0.07 ms per call on a CPU
-# machine, measured with a stand-in op), and a layer's SSD call is host-bound at small shapes.
-
-_LIB = torch.library.Library("hybrid_kernels", "FRAGMENT")
-_LIB.define(
-    "ssd_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-    "Tensor? dt_bias, Tensor? initial_states, Tensor? seq_idx, bool dt_softplus, float dt_min, "
-    "float dt_max, bool keep_ypre) -> (Tensor, Tensor, Tensor)"
-)
-_LIB.define(
-    "ssd_bwd(Tensor dy, Tensor? dfinal, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-    "Tensor? D, Tensor? z, Tensor? ypre, Tensor? dt_bias, Tensor? initial_states, "
-    "Tensor? seq_idx, bool dt_softplus, float dt_min, float dt_max) -> "
-    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
+# the shapes), so a compiled model calls the kernels as they are (`_triton_utils.library_op`).
 
 
-def _ssd_fwd_op(
+def _ssd_fwd_impl(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
     z: Tensor | None, dt_bias: Tensor | None, initial_states: Tensor | None,
     seq_idx: Tensor | None, dt_softplus: bool, dt_min: float, dt_max: float, keep_ypre: bool,
@@ -819,7 +802,6 @@ def _ssd_fwd_op(
     return y, ypre if ypre is not None else x.new_empty(0), final
 
 
-@torch.library.register_fake("hybrid_kernels::ssd_fwd", lib=_LIB)
 def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_min,
                   dt_max, keep_ypre):  # fmt: skip
     batch, _, H, P = x.shape
@@ -834,7 +816,7 @@ def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_sof
 _STATES_LAUNCH = {False: dict(num_warps=8, num_stages=3), True: dict(num_warps=4, num_stages=2)}
 
 
-def _ssd_bwd_op(
+def _ssd_bwd_impl(
     dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None, z: Tensor | None, ypre: Tensor | None, dt_bias: Tensor | None,
     initial_states: Tensor | None, seq_idx: Tensor | None, dt_softplus: bool, dt_min: float,
@@ -875,7 +857,6 @@ def _ssd_bwd_op(
     )
 
 
-@torch.library.register_fake("hybrid_kernels::ssd_bwd", lib=_LIB)
 def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, z, ypre, dt_bias, initial_states, seq_idx,
                   dt_softplus, dt_min, dt_max):  # fmt: skip
     def like(t: Tensor | None) -> Tensor:
@@ -887,40 +868,33 @@ def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, z, ypre, dt_bias, initial_state
     )  # fmt: skip
 
 
-_LIB.impl("ssd_fwd", _ssd_fwd_op, "CompositeExplicitAutograd")
-_LIB.impl("ssd_bwd", _ssd_bwd_op, "CompositeExplicitAutograd")
+_ssd_fwd_op = library_op("ssd_fwd", _ssd_fwd_impl, _ssd_fwd_fake)
+_ssd_bwd_op = library_op("ssd_bwd", _ssd_bwd_impl, _ssd_bwd_fake)
 
 
-class _SSDFunction(torch.autograd.Function):
-    """y, y before the z gate (kept for the backward), final state = ssd_fwd(...); the
-    backward calls ssd_bwd."""
+def _setup_context(ctx, inputs, output) -> None:
+    x, dt, A, B, C, D, z, dt_bias, init, seq_idx, softplus, dt_min, dt_max, _ = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, output[1], dt_bias, init, seq_idx)
+    ctx.args = (softplus, dt_min, dt_max)
+    ctx.has_z = z is not None
 
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, init, seq_idx, softplus, dt_min, dt_max,
-                keep_ypre):  # fmt: skip
-        y, ypre, final = torch.ops.hybrid_kernels.ssd_fwd.default(
-            x, dt, A, B, C, D, z, dt_bias, init, seq_idx, softplus, dt_min, dt_max, keep_ypre
-        )
-        ctx.save_for_backward(x, dt, A, B, C, D, z, ypre, dt_bias, init, seq_idx)
-        ctx.args = (softplus, dt_min, dt_max)
-        ctx.has_z = z is not None
-        ctx.mark_non_differentiable(ypre)
-        return y, ypre, final
 
-    @staticmethod
-    def backward(ctx, dy, _dypre, dfinal):
-        x, dt, A, B, C, D, z, ypre, dt_bias, init, seq_idx = ctx.saved_tensors
-        grads = torch.ops.hybrid_kernels.ssd_bwd.default(
-            dy, dfinal, x, dt, A, B, C, D, z, ypre if ctx.has_z else None, dt_bias, init,
-            seq_idx, *ctx.args,
-        )  # fmt: skip
-        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+def _backward(ctx, dy, _dypre, dfinal):
+    x, dt, A, B, C, D, z, ypre, dt_bias, init, seq_idx = ctx.saved_tensors
+    grads = _ssd_bwd_op(
+        dy, dfinal, x, dt, A, B, C, D, z, ypre if ctx.has_z else None, dt_bias, init, seq_idx,
+        *ctx.args,
+    )  # fmt: skip
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
 
-        def opt(g: Tensor, t: Tensor | None) -> Tensor | None:
-            return g if t is not None else None
+    def opt(g: Tensor, t: Tensor | None) -> Tensor | None:
+        return g if t is not None else None
 
-        return (dx, ddt, dA, dB, dC, opt(dD, D), opt(dz, z), opt(ddt_bias, dt_bias),
-                opt(dinit, init), None, None, None, None, None)  # fmt: skip
+    return (dx, ddt, dA, dB, dC, opt(dD, D), opt(dz, z), opt(ddt_bias, dt_bias),
+            opt(dinit, init), None, None, None, None, None)  # fmt: skip
+
+
+_ssd = differentiable(_ssd_fwd_op, _setup_context, _backward)
 
 
 # -- public function -------------------------------------------------------------------------
@@ -960,7 +934,7 @@ def ssd_triton(
         B, C = B.contiguous(), C.contiguous()
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     dt_min, dt_max = float(dt_limit[0]), float(dt_limit[1])
-    y, _, final = _SSDFunction.apply(
+    y, _, final = _ssd(
         x, dt.contiguous(), A.contiguous(), B, C,
         D.contiguous() if D is not None else None, z,
         dt_bias.contiguous() if dt_bias is not None else None,
