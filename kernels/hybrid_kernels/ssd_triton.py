@@ -212,6 +212,31 @@ def _ssd_scan_fwd_kernel(
 
 
 @triton.jit
+def _chunk_cb_kernel(
+    B_ptr, C_ptr, cb_ptr, L, N, G, nchunks, s_B_b, s_B_l, s_B_g,
+    Q: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Program (b * C + c, g): C B^T of chunk c and group g into a (B, C, G, Q, Q) tensor,
+    contracting N in blocks of BNK; rows and columns past L are zero. B and C share strides."""
+    pid_bc = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid_bc // nchunks
+    c = pid_bc % nchunks
+    offs_q = tl.arange(0, Q)
+    pos = c * Q + offs_q
+    valid = pos < L
+    CB = tl.zeros((Q, Q), dtype=tl.float32)
+    for n0 in range(0, N, BNK):
+        offs_n = n0 + tl.arange(0, BNK)
+        mask = valid[:, None] & (offs_n < N)[None, :]
+        off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+        Cm = tl.load(C_ptr + off, mask=mask, other=0.0)
+        Bm = tl.load(B_ptr + off, mask=mask, other=0.0)
+        CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+    tl.store(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q), CB)
+
+
+@triton.jit
 def _store_y(y, xm, D_ptr, z_ptr, y_ptr, ypre_ptr, b, pos, h, offs_p, mask_p, row_mask,
              L, H, P, s_z_b, s_z_l, s_z_h, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
              HAS_Z: tl.constexpr, WRITE_YPRE: tl.constexpr):  # fmt: skip
@@ -557,16 +582,17 @@ def _use_cb(N: int, cb: bool | None) -> bool:
 
 
 def _chunk_cb(B: Tensor, C: Tensor, chunk: int) -> Tensor:
-    """C B^T within every chunk and group: (B, nchunks, G, Q, Q) fp32, zero past L."""
+    """C B^T within every chunk and group: (B, nchunks, G, Q, Q) fp32, zero past L. One
+    program per (chunk, group) reads B and C where they lie (no padded or fp32 copies)."""
     batch, L, G, N = B.shape
     nchunks = triton.cdiv(L, chunk)
-    pad = nchunks * chunk - L
-
-    def blocks(t: Tensor) -> Tensor:  # (B, L, G, N) -> (B, nchunks, G, Q, N)
-        t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) if pad else t
-        return t.view(batch, nchunks, chunk, G, N).transpose(2, 3).float()
-
-    return torch.matmul(blocks(C), blocks(B).transpose(-1, -2)).contiguous()
+    cb = torch.empty(batch, nchunks, G, chunk, chunk, device=B.device, dtype=torch.float32)
+    with _device_ctx(B):
+        _chunk_cb_kernel[(batch * nchunks, G)](
+            B, C, cb, L, N, G, nchunks, B.stride(0), B.stride(1), B.stride(2),
+            Q=chunk, BNK=min(64, max(16, triton.next_power_of_2(N))), PREC=_prec(B.dtype),
+        )  # fmt: skip
+    return cb
 
 
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,

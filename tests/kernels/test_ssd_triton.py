@@ -252,6 +252,24 @@ def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPat
     check_against_references(CPU_CASES[name])
 
 
+@pytest.mark.parametrize("L, G, N", [(100, 2, 32), (64, 1, 10), (150, 3, 80)])
+def test_chunk_cb_kernel_matches_torch(L: int, G: int, N: int) -> None:
+    """The per-chunk C B^T kernel equals fp64 batched products of the zero-padded chunks."""
+    B = torch.randn(2, L, G, N, dtype=torch.float32, device=DEVICE)
+    C = torch.randn(2, L, G, N, dtype=torch.float32, device=DEVICE)
+    Q = triton_mod.FWD_CHUNK
+    nchunks = -(-L // Q)
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # (B, L, G, N) -> (B, nchunks, G, Q, N)
+        t = torch.nn.functional.pad(t.double(), (0, 0, 0, 0, 0, nchunks * Q - L))
+        return t.view(2, nchunks, Q, G, N).transpose(2, 3)
+
+    want = blocks(C) @ blocks(B).transpose(-1, -2)
+    got = triton_mod._chunk_cb(B, C, Q)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("min_n", [0, 10**9])
 def test_ssd_triton_cb_paths_gpu(min_n: int, monkeypatch: pytest.MonkeyPatch) -> None:
