@@ -1,6 +1,7 @@
 """Suite-wide test settings.
 
 * Tests marked `gpu` run only where CUDA is available.
+* Launch tuners are off (HYBRID_KERNELS_TUNE=0) unless a test turns them on.
 * Without CUDA, Triton kernels run on the CPU under Triton's interpreter: TRITON_INTERPRET must be
   set before any kernel module is imported (Triton reads it when a kernel is defined).
 """
@@ -14,6 +15,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernels take their heuristic launch untimed (the launch tuners would compile and time every
+# candidate at every new shape: minutes of a GPU run); tuner tests turn it back on.
+os.environ.setdefault("HYBRID_KERNELS_TUNE", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -78,12 +78,22 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+ENV_TUNE = "HYBRID_KERNELS_TUNE"
+
+
+def tuning_enabled() -> bool:
+    """False when HYBRID_KERNELS_TUNE=0: launch tuners take their heuristic launch untimed
+    (reproducible launches, no start-up timing; the GPU test suite runs so)."""
+    return os.environ.get(ENV_TUNE, "1") != "0"
+
+
 class LaunchTuner:
     """Picks, once per key, the fastest of a few launch configurations of a launcher that may
     run several kernels (what `triton.autotune` does for one kernel), by timing each with
     `triton.testing.do_bench` (median). The first configuration is the untimed choice where
-    timing is impossible or pointless: one candidate, a non-CUDA device, or a CUDA graph being
-    captured. Each choice is logged once; choices live as long as the process."""
+    timing is impossible, pointless or turned off: one candidate, a non-CUDA device, a CUDA
+    graph being captured, or HYBRID_KERNELS_TUNE=0. Each choice is logged once; choices live as
+    long as the process."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -94,7 +104,8 @@ class LaunchTuner:
         """The fastest of `configs` for `key`, timing `run(config)` on first use."""
         if key in self._best:
             return self._best[key]
-        if len(configs) == 1 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        untimed = len(configs) == 1 or device.type != "cuda" or not tuning_enabled()
+        if untimed or torch.cuda.is_current_stream_capturing():
             return configs[0]
         from triton.testing import do_bench
 
@@ -105,20 +116,6 @@ class LaunchTuner:
         log.info("%s %s: chose %s (%.3f ms; the first candidate %.3f ms)", self.name, key,
                  configs[best] or "the default", times[best], times[0])  # fmt: skip
         return configs[best]
-
-
-__all__ = [
-    "ENV_INTERPRET",
-    "LaunchTuner",
-    "auto_triton",
-    "check_launchable",
-    "device_guard",
-    "interpreting",
-    "num_sms",
-    "pick_configs",
-    "supports_triton",
-    "triton_available",
-]
 
 
 # -- ops: declared through torch.library, differentiated by autograd.Function ----------------
@@ -155,3 +152,21 @@ def differentiable(op: Callable, setup_context: Callable, backward: Callable) ->
 
     _OpFunction.__name__ = _OpFunction.__qualname__ = f"{op.__name__}_function"
     return _OpFunction.apply
+
+
+__all__ = [
+    "ENV_INTERPRET",
+    "ENV_TUNE",
+    "LaunchTuner",
+    "auto_triton",
+    "check_launchable",
+    "device_guard",
+    "differentiable",
+    "interpreting",
+    "library_op",
+    "num_sms",
+    "pick_configs",
+    "supports_triton",
+    "triton_available",
+    "tuning_enabled",
+]

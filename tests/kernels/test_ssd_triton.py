@@ -338,8 +338,19 @@ def test_launch_tuner_takes_the_first_config_untimed_off_cuda() -> None:
     assert best == {"a": 1} and calls == []
 
 
+def test_launch_tuner_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HYBRID_KERNELS_TUNE=0 takes the first (heuristic) launch untimed, even on CUDA."""
+    from hybrid_kernels._triton_utils import LaunchTuner
+
+    monkeypatch.setenv("HYBRID_KERNELS_TUNE", "0")
+    calls = []
+    best = LaunchTuner("test").choose("k", [{"a": 1}, {"a": 2}], calls.append,
+                                      torch.device("cuda"))  # fmt: skip
+    assert best == {"a": 1} and calls == []
+
+
 @pytest.mark.gpu
-def test_launch_tuner_picks_the_fastest_and_remembers() -> None:
+def test_launch_tuner_picks_the_fastest_and_remembers(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
     from hybrid_kernels._triton_utils import LaunchTuner
@@ -351,6 +362,7 @@ def test_launch_tuner_picks_the_fastest_and_remembers() -> None:
         time.sleep(cfg["ms"] / 1e3)
         torch.cuda._sleep(1000)
 
+    monkeypatch.setenv("HYBRID_KERNELS_TUNE", "1")
     tuner = LaunchTuner("test")
     configs = [{"ms": 3.0}, {"ms": 0.0}, {"ms": 1.5}]
     assert tuner.choose("k", configs, run, torch.device("cuda")) == {"ms": 0.0}
