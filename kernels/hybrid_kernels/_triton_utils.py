@@ -120,8 +120,8 @@ class LaunchTuner:
 
 # -- ops: declared through torch.library, differentiated by autograd.Function ----------------
 # `torch.library.custom_op` + `register_autograd` re-reads the schema for every argument on
-# every call (about 0.2 ms of host time per call on the CPU machine against 0.07 ms for this
-# pairing, docs/benchmarks.md); the ops stay opaque to torch.compile through their fakes.
+# every call (0.27 ms of host time per call on the CPU machine against 0.07 ms for this pairing:
+# tools/bench_op_overhead.py); the ops stay opaque to torch.compile through their fakes.
 
 _LIB = torch.library.Library("hybrid_kernels", "FRAGMENT")
 

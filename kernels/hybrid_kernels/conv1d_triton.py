@@ -408,7 +408,7 @@ def _conv1d_bwd(
     return dx, dweight, dbias, dinit
 
 
-# -- custom ops and autograd -----------------------------------------------------------------
+# -- ops and autograd ------------------------------------------------------------------------
 
 
 def _conv1d_fwd_impl(

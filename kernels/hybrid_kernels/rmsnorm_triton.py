@@ -345,7 +345,7 @@ def _gated_rmsnorm_bwd(
     return dx, dz, dw
 
 
-# -- custom ops and autograd -----------------------------------------------------------------
+# -- ops and autograd ------------------------------------------------------------------------
 
 
 def _gated_rmsnorm_fwd_impl(

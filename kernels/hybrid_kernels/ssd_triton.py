@@ -12,6 +12,7 @@ Kernels, top-down:
   updates the state with the chunk's own inputs. The forward therefore reads x, dt, B, C once
   and writes only y (and the final state): no per-chunk states go to memory. With
   `STORE_STATES` it instead writes the state entering every chunk, which the backward uses.
+* `_chunk_cb_kernel` — C B^T of every chunk and group, read by the walk when N is large.
 * `_ssd_dstate_bwd_kernel` — the same walk in reverse for the state gradient: it writes the
   gradient flowing into each chunk's end state and returns the initial-state gradient.
 * `_ssd_chunk_bwd_kernel` — one program per (chunk, group, split of the group's heads) computes
@@ -153,6 +154,11 @@ def _ssd_scan_fwd_kernel(
             state = state * tl.load(decay_ptr + j_off * H + h) + end
     if HAS_SEQ:
         prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c_start * Q - 1, 0))
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
     decay = 1.0
     for c in range(c_start, c_end):
@@ -191,8 +197,16 @@ def _ssd_scan_fwd_kernel(
             if HAS_SEQ:
                 scale = tl.where(seq == prev_doc, scale, 0.0)
             y += off * scale[:, None]
-            _store_y(y, xm, D_ptr, z_ptr, y_ptr, ypre_ptr, b, pos, h, offs_p, mask_p, row_mask,
-                     L, H, P, s_z_b, s_z_l, s_z_h, HAS_D, D_PER_P, HAS_Z, WRITE_YPRE)  # fmt: skip
+            if HAS_D:
+                y += xm.to(tl.float32) * Dv
+            o_off = _o_off(b, pos, h, offs_p, L, H, P)
+            if HAS_Z:
+                if WRITE_YPRE:
+                    tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
+                z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+                zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
         xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
         chunk_state = tl.dot(tl.trans(xw), Bm, input_precision=PREC)
         carry = tl.exp(cl)
@@ -234,28 +248,6 @@ def _chunk_cb_kernel(
         Bm = tl.load(B_ptr + off, mask=mask, other=0.0)
         CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
     tl.store(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q), CB)
-
-
-@triton.jit
-def _store_y(y, xm, D_ptr, z_ptr, y_ptr, ypre_ptr, b, pos, h, offs_p, mask_p, row_mask,
-             L, H, P, s_z_b, s_z_l, s_z_h, HAS_D: tl.constexpr, D_PER_P: tl.constexpr,
-             HAS_Z: tl.constexpr, WRITE_YPRE: tl.constexpr):  # fmt: skip
-    """Add the skip term D x to the chunk's y (Q, BP), store it (and y before the z gate),
-    gated by silu(z)."""
-    if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + h).to(tl.float32)
-        y += xm.to(tl.float32) * Dv
-    o_off = _o_off(b, pos, h, offs_p, L, H, P)
-    if HAS_Z:
-        if WRITE_YPRE:
-            tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
-        z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
-        zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
-        y = y * zv * tl.sigmoid(zv)
-    tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -681,10 +673,10 @@ TUNE_MIN_CHUNKS = 16  # shorter sequences take the heuristic launch untimed
 
 def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int) -> list[dict]:
     """Launch candidates of the forward walk: the heuristic one first (`_segments`,
-    `_fwd_p_block`, `_use_cb`), then segments x P blocks x C B^T read or recomputed, and
-    per segment count the other load-pipelining depth. Which
-    wins depends on the GPU and on batch x heads x length (walks are latency-bound; more
-    segments or smaller P blocks add programs, precomputed C B^T removes a product a step)."""
+    `_fwd_p_block`, `_use_cb`), then segments x P blocks x C B^T read or recomputed, and per
+    segment count the other load-pipelining depth. Which wins depends on the GPU and on
+    batch x heads x length (walks are latency-bound; more segments or smaller P blocks add
+    programs, precomputed C B^T removes a product a step)."""
     configs = [{}]
     if nchunks < TUNE_MIN_CHUNKS:
         return configs
