@@ -404,10 +404,17 @@ def _ssd_dx_bwd_kernel(
     dy = _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z, True)
     xf = xm.to(tl.float32)
     dyc = dy.to(xm.dtype)
+    # Each (Q, Q) / (Q, P) tile is consumed as soon as it can be, to keep few of them live:
+    # dcs (the derivative with respect to the in-chunk cumsum of dt * A) takes the entering
+    # state's term first (CH), then the end state's (sB), the intra-chunk one last.
+    dcs = scale * tl.sum(dy * CH, axis=1)
+    U = gS * dt * tl.sum(xf * sB, axis=1)
     # dx = dt * (intra + state terms) + D dy; ddt's explicit part is x . (those terms).
-    gx = tl.dot(tl.trans((CB * E).to(xm.dtype)), dyc, input_precision=PREC)
+    CBE = CB * E
+    gx = tl.dot(tl.trans(CBE.to(xm.dtype)), dyc, input_precision=PREC)
     gx += gS[:, None] * sB
     dx = dt[:, None] * gx
+    ddt_x = tl.sum(xf * gx, axis=1)
     if HAS_D:
         if D_PER_P:
             Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
@@ -416,16 +423,13 @@ def _ssd_dx_bwd_kernel(
             dx += dy * tl.load(D_ptr + h).to(tl.float32)
         tl.store(dD_ptr + (pid_bc * H + h) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
     tl.store(dx_ptr + o_off, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
-    # dcs: the derivative with respect to the in-chunk cumsum of dt * A.
-    W = tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :] * CB
-    dcs = tl.sum(W, axis=1) - tl.sum(W, axis=0)
-    dcs += scale * tl.sum(dy * CH, axis=1)
-    U = gS * dt * tl.sum(xf * sB, axis=1)
+    W = tl.dot(dyc, tl.trans(xm), input_precision=PREC) * CBE * dt[None, :]
+    dcs += tl.sum(W, axis=1) - tl.sum(W, axis=0)
     dcs -= U
     at_end = tl.sum(U, axis=0) + carry * tl.sum(hs, axis=0)
     dcs += tl.where(offs_q == Q - 1, at_end, 0.0)
     da = tl.cumsum(dcs, axis=0, reverse=True)
-    ddt = (tl.sum(xf * gx, axis=1) + A * da) * dgrad
+    ddt = (ddt_x + A * da) * dgrad
     tl.store(ddt_ptr + (b * L + pos) * H + h, ddt, mask=valid)
     tl.store(dA_ptr + pid_bc * H + h, tl.sum(da * dt, axis=0))
 
