@@ -82,15 +82,16 @@ def resources(fn, consts: dict, warps: int, stages: int, ptxas: str) -> tuple[in
     return int(regs.group(1)), int(spills.group(1)), compiled.metadata.shared
 
 
-def fwd(BP=64, BN=256, Q=64, warps=4, stages=1, cb=True, store=False, y=True) -> tuple:
+def fwd(BP=64, BN=256, Q=64, warps=4, stages=1, cb=True, store=False, y=True, ns=1) -> tuple:
     consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_INIT=False, WRITE_Y=y, WRITE_YPRE=False,
                   STORE_STATES=store, WRITE_FINAL=True, WRITE_DECAY=False, HAS_CB=cb,
-                  CHAIN=False, Q=Q, BP=BP, BN=BN)  # fmt: skip
+                  CHAIN=False, NS=ns, Q=Q, BP=BP, BN=BN)  # fmt: skip
     return k._ssd_scan_fwd_kernel, consts, warps, stages
 
 
-def dx(Q=64, BP=64, BNK=128, warps=4, stages=1) -> tuple:
-    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, Q=Q, BP=BP, BNK=BNK, HEADS_FIRST=True)
+def dx(Q=64, BP=64, BNK=128, warps=4, stages=1, cb=False) -> tuple:
+    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_CB=cb, Q=Q, BP=BP, BNK=BNK,
+                  HEADS_FIRST=True)  # fmt: skip
     return k._ssd_dx_bwd_kernel, consts, warps, stages
 
 

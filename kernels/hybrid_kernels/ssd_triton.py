@@ -43,6 +43,7 @@ from hybrid_kernels.ssd_ref import _check_shapes
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
 FWD_CHUNK = 64  # chunk of the forward scan
 CB_MIN_N = 256  # from this N on, the forward walk reads C B^T computed once per chunk and group
+SPLIT_MIN_N = 256  # from this N on, the walks hold their state as two N halves
 DEFAULT_DT_LIMIT = (0.0, math.inf)
 _GRID_YZ = 65535  # CUDA's limit on a grid's second and third dimensions
 
@@ -106,6 +107,37 @@ def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
 
 
 @triton.jit
+def _walk_start(init_ptr, ends_ptr, decay_ptr, glob_off, mask_pn, b, h, seg, n_seg, seg_size, H,
+                HAS_INIT: tl.constexpr, CHAIN: tl.constexpr, BP: tl.constexpr,
+                BN: tl.constexpr):  # fmt: skip
+    """The state entering segment `seg` at the (P, N) places `glob_off` of a (B, H, P, N) state:
+    the initial state (or zero), carried through the first pass's segment ends with CHAIN."""
+    if HAS_INIT:
+        state = tl.load(init_ptr + glob_off, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BP, BN), dtype=tl.float32)
+    if CHAIN:
+        for j in range(0, seg):
+            j_off = (b * n_seg + j).to(tl.int64)
+            end = tl.load(ends_ptr + j_off * seg_size + glob_off - b * seg_size, mask=mask_pn,
+                          other=0.0)  # fmt: skip
+            state = state * tl.load(decay_ptr + j_off * H + h) + end
+    return state
+
+
+@triton.jit
+def _walk_end(final_ptr, state, glob_off, mask_pn, b, seg, n_seg, seg_size,
+              WRITE_DECAY: tl.constexpr, WRITE_FINAL: tl.constexpr):  # fmt: skip
+    """Store the state leaving a segment: per segment (first pass) or the final one."""
+    if WRITE_DECAY:
+        seg_off = (b * n_seg + seg).to(tl.int64) * seg_size + glob_off - b * seg_size
+        tl.store(final_ptr + seg_off, state, mask=mask_pn)
+    elif WRITE_FINAL:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if seg == n_seg - 1:
+            tl.store(final_ptr + glob_off, state, mask=mask_pn)
+
+
+@triton.jit
 def _ssd_scan_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, init_ptr, seq_ptr, cb_ptr,
     y_ptr, ypre_ptr, final_ptr, states_ptr, decay_ptr, ends_ptr,
@@ -115,7 +147,7 @@ def _ssd_scan_fwd_kernel(
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_YPRE: tl.constexpr, STORE_STATES: tl.constexpr,
     WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr, HAS_CB: tl.constexpr,
-    CHAIN: tl.constexpr,
+    CHAIN: tl.constexpr, NS: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (P block, b * H + h, segment): walk the segment's chunks, carrying the state in
@@ -124,7 +156,9 @@ def _ssd_scan_fwd_kernel(
     (B, n_seg, H, P, N) in `final_ptr` and the factor (B, n_seg, H) by which the segment scales
     the state entering it; the second pass (CHAIN) starts segment s from the initial state
     (B, H, P, N) carried through the end states and decays of segments 0 .. s-1 (`ends_ptr`,
-    `decay_ptr`), and its last segment writes the final state (B, H, P, N)."""
+    `decay_ptr`), and its last segment writes the final state (B, H, P, N).
+    With NS = 2 the state is held as two (BP, BN / 2) halves, s0 and s1, and B and C are read
+    and consumed half by half: fewer registers are live at once (N = 256 spilled otherwise)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     seg = tl.program_id(2)
@@ -135,23 +169,21 @@ def _ssd_scan_fwd_kernel(
     g = h // R
     offs_q = tl.arange(0, Q)
     offs_p = pid_p * BP + tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
-    mask_n = offs_n < N
-    mask_pn = mask_p[:, None] & mask_n[None, :]
+    offs_n0 = tl.arange(0, BN // NS)
+    mask_n0 = offs_n0 < N
+    mask_pn0 = mask_p[:, None] & mask_n0[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
-    glob_off = ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]  # (B, H, P, N)
+    glob_p = ((b * H + h) * P + offs_p[:, None]) * N  # (B, H, P, N) without the N offset
     seg_size = H * P * N
-    if HAS_INIT:
-        state = tl.load(init_ptr + glob_off, mask=mask_pn, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((BP, BN), dtype=tl.float32)
-    if CHAIN:  # the state entering this segment, from the first pass's segment ends
-        for j in range(0, seg):
-            j_off = (b * n_seg + j).to(tl.int64)
-            end = tl.load(ends_ptr + j_off * seg_size + glob_off - b * seg_size, mask=mask_pn,
-                          other=0.0)  # fmt: skip
-            state = state * tl.load(decay_ptr + j_off * H + h) + end
+    s0 = _walk_start(init_ptr, ends_ptr, decay_ptr, glob_p + offs_n0[None, :], mask_pn0, b, h,
+                     seg, n_seg, seg_size, H, HAS_INIT, CHAIN, BP, BN // NS)  # fmt: skip
+    if NS == 2:
+        offs_n1 = BN // 2 + offs_n0
+        mask_n1 = offs_n1 < N
+        mask_pn1 = mask_p[:, None] & mask_n1[None, :]
+        s1 = _walk_start(init_ptr, ends_ptr, decay_ptr, glob_p + offs_n1[None, :], mask_pn1, b,
+                         h, seg, n_seg, seg_size, H, HAS_INIT, CHAIN, BP, BN // 2)  # fmt: skip
     if HAS_SEQ:
         prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c_start * Q - 1, 0))
     if HAS_D:
@@ -170,33 +202,44 @@ def _ssd_scan_fwd_kernel(
         row_mask = valid[:, None] & mask_p[None, :]
         x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
         xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
-        bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
-        bc_mask = valid[:, None] & mask_n[None, :]
-        Bm = tl.load(B_ptr + bc_off, mask=bc_mask, other=0.0)
+        bc_row = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g  # + the N offsets
+        bc_mask0 = valid[:, None] & mask_n0[None, :]
         if STORE_STATES:
-            st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
-            tl.store(states_ptr + st_off, state.to(states_ptr.dtype.element_ty), mask=mask_pn)
+            st_p = (((b * nchunks + c) * H + h) * P + offs_p[:, None]) * N  # (B, C, H, P, N)
+            tl.store(states_ptr + st_p + offs_n0[None, :],
+                     s0.to(states_ptr.dtype.element_ty), mask=mask_pn0)  # fmt: skip
+            if NS == 2:
+                tl.store(states_ptr + st_p + offs_n1[None, :],
+                         s1.to(states_ptr.dtype.element_ty), mask=mask_pn1)  # fmt: skip
         w = tl.exp(cl - cs) * dt
         if HAS_SEQ:
             seq = tl.load(seq_ptr + b * L + tl.minimum(pos, L - 1))
             seq_last = tl.max(seq, axis=0)
             w = tl.where(seq == seq_last, w, 0.0)
         if WRITE_Y:
-            Cm = tl.load(C_ptr + bc_off, mask=bc_mask, other=0.0)
+            # off = C h (the entering state's part), and C B^T unless it is read, per N half
+            C0 = tl.load(C_ptr + bc_row + offs_n0[None, :], mask=bc_mask0, other=0.0)
+            off = tl.dot(C0, tl.trans(s0.to(C0.dtype)), input_precision=PREC)
+            if not HAS_CB:
+                B0 = tl.load(B_ptr + bc_row + offs_n0[None, :], mask=bc_mask0, other=0.0)
+                CB = tl.dot(C0, tl.trans(B0), input_precision=PREC)
+            if NS == 2:
+                bc_mask1 = valid[:, None] & mask_n1[None, :]
+                C1 = tl.load(C_ptr + bc_row + offs_n1[None, :], mask=bc_mask1, other=0.0)
+                off = tl.dot(C1, tl.trans(s1.to(C1.dtype)), acc=off, input_precision=PREC)
+                if not HAS_CB:
+                    B1 = tl.load(B_ptr + bc_row + offs_n1[None, :], mask=bc_mask1, other=0.0)
+                    CB = tl.dot(C1, tl.trans(B1), acc=CB, input_precision=PREC)
             if HAS_CB:
                 CB = tl.load(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q))
-            else:
-                CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
             keep = causal
             if HAS_SEQ:
                 keep = keep & (seq[:, None] == seq[None, :])
-            M = CB * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf"))) * dt[None, :]
-            y = tl.dot(M.to(xm.dtype), xm, input_precision=PREC)
-            off = tl.dot(Cm, tl.trans(state.to(Cm.dtype)), input_precision=PREC)
             scale = tl.exp(cs)
             if HAS_SEQ:
                 scale = tl.where(seq == prev_doc, scale, 0.0)
-            y += off * scale[:, None]
+            M = CB * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf"))) * dt[None, :]
+            y = tl.dot(M.to(xm.dtype), xm, acc=off * scale[:, None], input_precision=PREC)
             if HAS_D:
                 y += xm.to(tl.float32) * Dv
             o_off = _o_off(b, pos, h, offs_p, L, H, P)
@@ -207,22 +250,29 @@ def _ssd_scan_fwd_kernel(
                 zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
                 y = y * zv * tl.sigmoid(zv)
             tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
-        xw = (xm.to(tl.float32) * w[:, None]).to(xm.dtype)
-        chunk_state = tl.dot(tl.trans(xw), Bm, input_precision=PREC)
+        xw = tl.trans((xm.to(tl.float32) * w[:, None]).to(xm.dtype))
         carry = tl.exp(cl)
         if HAS_SEQ:
             carry = tl.where(seq_last == prev_doc, carry, 0.0)
             prev_doc = seq_last
-        state = state * carry + chunk_state
+        # B is read only now when C B^T came precomputed: B and C are never live together.
+        if HAS_CB or not WRITE_Y:
+            B0 = tl.load(B_ptr + bc_row + offs_n0[None, :], mask=bc_mask0, other=0.0)
+        s0 = tl.dot(xw, B0, acc=s0 * carry, input_precision=PREC)
+        if NS == 2:
+            if HAS_CB or not WRITE_Y:
+                bc_mask1 = valid[:, None] & mask_n1[None, :]
+                B1 = tl.load(B_ptr + bc_row + offs_n1[None, :], mask=bc_mask1, other=0.0)
+            s1 = tl.dot(xw, B1, acc=s1 * carry, input_precision=PREC)
         decay = decay * carry
-    if WRITE_DECAY:
-        seg_off = (b * n_seg + seg).to(tl.int64) * seg_size + glob_off - b * seg_size
-        tl.store(final_ptr + seg_off, state, mask=mask_pn)
+    _walk_end(final_ptr, s0, glob_p + offs_n0[None, :], mask_pn0, b, seg, n_seg, seg_size,
+              WRITE_DECAY, WRITE_FINAL)  # fmt: skip
+    if NS == 2:
+        _walk_end(final_ptr, s1, glob_p + offs_n1[None, :], mask_pn1, b, seg, n_seg, seg_size,
+                  WRITE_DECAY, WRITE_FINAL)  # fmt: skip
+    if WRITE_DECAY:  # noqa: SIM102
         if pid_p == 0:
             tl.store(decay_ptr + (b * n_seg + seg) * H + h, decay)
-    elif WRITE_FINAL:  # noqa: SIM102 (a constexpr branch, then a runtime one)
-        if seg == n_seg - 1:
-            tl.store(final_ptr + glob_off, state, mask=mask_pn)
 
 
 @triton.jit
@@ -303,7 +353,7 @@ def _ssd_dstate_bwd_kernel(
             scale = tl.where(seq == prev_doc, scale, 0.0)
             carry = tl.where(tl.max(seq, axis=0) == prev_doc, carry, 0.0)
         dys = (dy * scale[:, None]).to(Cm.dtype)
-        dH = dH * carry + tl.dot(tl.trans(dys), Cm, input_precision=PREC)
+        dH = tl.dot(tl.trans(dys), Cm, acc=dH * carry, input_precision=PREC)
     if WRITE_DINIT:
         tl.store(dinit_ptr + fin_off, dH, mask=mask_pn)
 
@@ -347,18 +397,19 @@ def _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z: tl.
 @triton.jit
 def _ssd_dx_bwd_kernel(
     x_ptr, dy_ptr, z_ptr, ypre_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dtb_ptr, seq_ptr,
-    states_ptr, dstates_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
-    L, H, P, N, R, nchunks, dt_min, dt_max,
+    states_ptr, dstates_ptr, cb_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
+    L, H, P, N, R, G, nchunks, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
-    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_CB: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
     """Program (b * C + c, h), or (h, b * C + c) with HEADS_FIRST (a chunk's heads run side
     by side and share its B and C in the L2): dx, dz, ddt (raw dt) of chunk c and head h, and
     the partial sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are
-    `_ssd_dbc_bwd_kernel`'s. Contractions over N run in blocks of BNK to keep the tiles small."""
+    `_ssd_dbc_bwd_kernel`'s. Contractions over N run in blocks of BNK to keep the tiles small;
+    with HAS_CB, C B^T is read from `_chunk_cb_kernel`'s (B, C, G, Q, Q) output instead."""
     if HEADS_FIRST:
         h = tl.program_id(0)
         pid_bc = tl.program_id(1)
@@ -376,8 +427,11 @@ def _ssd_dx_bwd_kernel(
         dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
     )
     row_mask = valid[:, None] & mask_p[None, :]
-    # N contractions: CB = C B^T, sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>.
-    CB = tl.zeros((Q, Q), dtype=tl.float32)
+    # N contractions: CB = C B^T (unless read), sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>.
+    if HAS_CB:
+        CB = tl.load(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q))
+    else:
+        CB = tl.zeros((Q, Q), dtype=tl.float32)
     sB = tl.zeros((Q, BP), dtype=tl.float32)
     CH = tl.zeros((Q, BP), dtype=tl.float32)
     hs = tl.zeros((BP,), dtype=tl.float32)
@@ -390,7 +444,8 @@ def _ssd_dx_bwd_kernel(
         st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
         Hprev = tl.load(states_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         dS = tl.load(dstates_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
-        CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+        if not HAS_CB:
+            CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
         sB += tl.dot(Bm, tl.trans(dS.to(Bm.dtype)), input_precision=PREC)
         CH += tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
         hs += tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32), axis=1)
@@ -577,6 +632,12 @@ def _use_cb(N: int, cb: bool | None) -> bool:
     return cb if cb is not None else N >= CB_MIN_N
 
 
+def _split_n(BN: int, split_n: bool | None) -> bool:
+    """Whether the walk holds its state as two N halves (default from N = 256 on, where the
+    whole (P, N) state, B and C tiles do not fit the registers together)."""
+    return BN >= SPLIT_MIN_N if split_n is None else split_n and BN >= 32
+
+
 def _chunk_cb(B: Tensor, C: Tensor, chunk: int) -> Tensor:
     """C B^T within every chunk and group: (B, nchunks, G, Q, Q) fp32, zero past L. One
     program per (chunk, group) reads B and C where they lie (no padded or fp32 copies)."""
@@ -594,7 +655,8 @@ def _chunk_cb(B: Tensor, C: Tensor, chunk: int) -> Tensor:
 def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
               *, write_y: bool, write_ypre: bool, store_states: bool, chunk: int = FWD_CHUNK,
               block_p: int | None = None, segments: int | None = None, num_warps: int = 4,
-              num_stages: int | None = None, cb: bool | None = None):  # fmt: skip
+              num_stages: int | None = None, cb: bool | None = None,
+              split_n: bool | None = None):  # fmt: skip
     """Launch `_ssd_scan_fwd_kernel`. Returns (y, ypre, final (B, H, P, N) fp32, states
     (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`).
 
@@ -617,7 +679,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
     launch = functools.partial(
         _launch_scan, x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt_max,
         chunk=chunk, BP=BP, BN=BN, seg_chunks=seg_chunks, S=S, num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, NS=2 if _split_n(BN, split_n) else 1,
     )  # fmt: skip
     CB = _chunk_cb(B, C, chunk) if write_y and _use_cb(N, cb) else None
     ends = decay = None
@@ -636,7 +698,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
 
 
 def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, init,
-                 *, chunk, BP, BN, seg_chunks, S, num_warps, num_stages, y=None, ypre=None,
+                 *, chunk, BP, BN, seg_chunks, S, num_warps, num_stages, NS, y=None, ypre=None,
                  states=None, final=None, decay=None, cb=None, ends=None,
                  programs=None):  # fmt: skip
     """One pass of `_ssd_scan_fwd_kernel` over `programs` (default S) segments: the first
@@ -654,7 +716,7 @@ def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt
             *(z.stride()[:3] if z is not None else (0, 0, 0)),
             HAS_INIT=init is not None, WRITE_Y=y is not None, WRITE_YPRE=ypre is not None,
             STORE_STATES=states is not None, WRITE_FINAL=final is not None,
-            WRITE_DECAY=first_pass, HAS_CB=cb is not None, CHAIN=ends is not None,
+            WRITE_DECAY=first_pass, HAS_CB=cb is not None, CHAIN=ends is not None, NS=NS,
             Q=chunk, BP=BP, BN=BN, PREC=_prec(x.dtype),
             **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
             num_warps=num_warps, num_stages=num_stages,
@@ -677,14 +739,15 @@ TUNE_MIN_CHUNKS = 16  # shorter sequences take the heuristic launch untimed
 
 def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int) -> list[dict]:
     """Launch candidates of the forward walk: the heuristic one first (`_segments`,
-    `_fwd_p_block`, `_use_cb`), then segments x P blocks x C B^T read or recomputed, and per
-    segment count the other load-pipelining depth. Which wins depends on the GPU and on
+    `_fwd_p_block`, `_use_cb`, `_split_n`), then segments x P blocks x C B^T read or
+    recomputed, and per segment count the other load-pipelining depth and (N >= 128) the
+    state whole or in N halves, halves also on 8 warps. Which wins depends on the GPU and on
     batch x heads x length (walks are latency-bound; more segments or smaller P blocks add
     programs, precomputed C B^T removes a product a step)."""
     configs = [{}]
     if nchunks < TUNE_MIN_CHUNKS:
         return configs
-    BPfull = max(16, triton.next_power_of_2(P))
+    BPfull, BN = _blocks(P, N)
     for S in (1, 2, 4):
         if S > 1 and nchunks // S < 8:
             continue
@@ -692,6 +755,11 @@ def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int) -> list[dict
             configs += [dict(segments=S, block_p=BP, cb=cb) for cb in (False, True)]
         # the other pipelining depth (default: 2 stages up to N = 128, else 1)
         configs.append(dict(segments=S, block_p=BPfull, cb=False, num_stages=1 + (N > 128)))
+        if BN >= 128:  # the state held whole or in two N halves (the default's other choice)
+            split = not _split_n(BN, None)
+            configs.append(dict(segments=S, block_p=BPfull, split_n=split))
+            if split or BN >= SPLIT_MIN_N:  # halves on 8 warps: fewer registers a thread
+                configs.append(dict(segments=S, block_p=BPfull, split_n=True, num_warps=8))
     return configs
 
 
@@ -749,7 +817,7 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
                dt_softplus, dt_min, dt_max, *, num_warps: int = 4, num_stages: int = 1,
                dx_block_n: int = 64, dbc_block_n: int = 128, dbc_warps: int = 8,
                dbc_stages: int = 2, dbc_min_programs: int = 264,
-               heads_first: bool = True, blocks_first: bool = False,
+               heads_first: bool = True, blocks_first: bool = False, dx_cb: bool = False,
                run_dx: bool = True, run_dbc: bool = True):  # fmt: skip
     """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums.
     dB/dC launch: N blocks of 128 on 8 warps (H100 sweeps: 0.45 ms against 0.70 with blocks
@@ -781,10 +849,12 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
         if run_dx:  # (the run_* switches let tools/tune_ssd.py time one kernel alone)
             heads_first = heads_first and batch * nchunks <= _GRID_YZ
             grid = (H, batch * nchunks) if heads_first else (batch * nchunks, H)
+            CB = _chunk_cb(B, C, Q) if dx_cb else None
             _ssd_dx_bwd_kernel[grid](
-                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
-                dx, dz, ddt, dA, dD, L, H, P, N, R, nchunks, dt_min, dt_max, *strides,
+                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates, CB,
+                dx, dz, ddt, dA, dD, L, H, P, N, R, G, nchunks, dt_min, dt_max, *strides,
                 Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
+                HAS_CB=dx_cb,
                 HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
         if run_dbc:

@@ -252,6 +252,40 @@ def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPat
     check_against_references(CPU_CASES[name])
 
 
+SPLIT_CASES = {
+    "docs_init_z_N32": Case(L=130, G=2, N=32, z=True, init=True, docs=True),
+    "fp16_N48": Case(L=80, G=2, N=48, z=True, docs=True, dtype=torch.float16),
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+@pytest.mark.parametrize("min_cb", [0, 10**9])
+def test_ssd_triton_with_split_state(
+    name: str, min_cb: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walks holding their state as two N halves (the N = 256 launch; N = 48 leaves the
+    second half partly masked), with C B^T read or recomputed, meet the same error bound."""
+    monkeypatch.setattr(triton_mod, "SPLIT_MIN_N", 0)
+    monkeypatch.setattr(triton_mod, "CB_MIN_N", min_cb)
+    check_against_references(SPLIT_CASES[name])
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_ssd_split_state_walk_matches_whole_state(segments: int) -> None:
+    """Split or whole state, the walk gives the same y, final state and per-chunk states."""
+    case = Case(L=250, G=2, N=32, z=True, init=True, docs=True)
+    t, extra, _, _ = make_inputs(case)
+    d = {k: v.detach() for k, v in t.items()}
+    args = (d["x"], d["dt"], d["A"], d["B"], d["C"], d["D"], d["z"], d["dt_bias"],
+            d["initial_states"], extra["seq_idx"].to(torch.int32), True, 0.01, 5.0)  # fmt: skip
+    kw = dict(write_y=True, write_ypre=False, store_states=True, segments=segments)
+    whole = triton_mod._scan_fwd(*args, **kw, split_n=False)
+    split = triton_mod._scan_fwd(*args, **kw, split_n=True)
+    for a, b in zip(whole, split):
+        if a is not None:
+            assert rel_err(b, a) < 1e-5
+
+
 @pytest.mark.parametrize("L, G, N", [(100, 2, 32), (64, 1, 10), (150, 3, 80)])
 def test_chunk_cb_kernel_matches_torch(L: int, G: int, N: int) -> None:
     """The per-chunk C B^T kernel equals fp64 batched products of the zero-padded chunks."""
@@ -287,6 +321,16 @@ def test_ssd_backward_grid_orders_agree(heads_first: bool, blocks_first: bool) -
     other = triton_mod._chunk_bwd(*args, heads_first=heads_first, blocks_first=blocks_first)
     for a, b in zip(ref, other):
         assert torch.equal(a, b)
+
+
+def test_ssd_backward_with_read_cb_matches_recomputed() -> None:
+    """The dx kernel reading C B^T from `_chunk_cb` gives the gradients of the one that
+    contracts it per head (fp32 inputs: the same sums in another order)."""
+    args = _bwd_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
+    ref = triton_mod._chunk_bwd(*args, dx_cb=False)
+    got = triton_mod._chunk_bwd(*args, dx_cb=True)
+    for a, b in zip(ref, got):
+        assert rel_err(b, a) < 1e-5
 
 
 def _bwd_inputs(case: Case) -> tuple:
