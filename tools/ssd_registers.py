@@ -100,8 +100,8 @@ def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2) -> tuple:
     return k._ssd_dbc_bwd_kernel, consts, warps, stages
 
 
-def dstate(Q=64, BP=64, BN=256, warps=4, stages=2) -> tuple:
-    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, Q=Q, BP=BP, BN=BN)
+def dstate(Q=64, BP=64, BN=256, warps=4, stages=2, ns=1) -> tuple:
+    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, NS=ns, Q=Q, BP=BP, BN=BN)
     return k._ssd_dstate_bwd_kernel, consts, warps, stages
 
 

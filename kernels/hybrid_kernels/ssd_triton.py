@@ -307,9 +307,10 @@ def _ssd_dstate_bwd_kernel(
     s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    NS: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """dstates[c] = d loss / d (state at the end of chunk c), walking the chunks backwards."""
+    """dstates[c] = d loss / d (state at the end of chunk c), walking the chunks backwards.
+    With NS = 2 the gradient is held and updated as two N halves (as the forward walk)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -317,20 +318,30 @@ def _ssd_dstate_bwd_kernel(
     g = h // R
     offs_q = tl.arange(0, Q)
     offs_p = pid_p * BP + tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
     mask_p = offs_p < P
-    mask_n = offs_n < N
-    mask_pn = mask_p[:, None] & mask_n[None, :]
+    offs_n0 = tl.arange(0, BN // NS)
+    mask_pn0 = mask_p[:, None] & (offs_n0 < N)[None, :]
     A = tl.load(A_ptr + h).to(tl.float32)
-    fin_off = ((b * H + h) * P + offs_p[:, None]) * N + offs_n[None, :]
+    fin_p = ((b * H + h) * P + offs_p[:, None]) * N  # (B, H, P, N) without the N offset
     if HAS_DFINAL:
-        dH = tl.load(dfinal_ptr + fin_off, mask=mask_pn, other=0.0).to(tl.float32)
+        dH0 = tl.load(dfinal_ptr + fin_p + offs_n0[None, :], mask=mask_pn0, other=0.0)
     else:
-        dH = tl.zeros((BP, BN), dtype=tl.float32)
+        dH0 = tl.zeros((BP, BN // NS), dtype=tl.float32)
+    if NS == 2:
+        offs_n1 = BN // 2 + offs_n0
+        mask_pn1 = mask_p[:, None] & (offs_n1 < N)[None, :]
+        if HAS_DFINAL:
+            dH1 = tl.load(dfinal_ptr + fin_p + offs_n1[None, :], mask=mask_pn1, other=0.0)
+        else:
+            dH1 = tl.zeros((BP, BN // 2), dtype=tl.float32)
     for i in range(nchunks):
         c = nchunks - 1 - i
-        st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
-        tl.store(dstates_ptr + st_off, dH.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        st_p = (((b * nchunks + c) * H + h) * P + offs_p[:, None]) * N  # (B, C, H, P, N)
+        tl.store(dstates_ptr + st_p + offs_n0[None, :],
+                 dH0.to(dstates_ptr.dtype.element_ty), mask=mask_pn0)  # fmt: skip
+        if NS == 2:
+            tl.store(dstates_ptr + st_p + offs_n1[None, :],
+                     dH1.to(dstates_ptr.dtype.element_ty), mask=mask_pn1)  # fmt: skip
         pos, valid, dt, _ = _load_chunk_dt(
             dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
         )
@@ -343,8 +354,6 @@ def _ssd_dstate_bwd_kernel(
             z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
             zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
             dy = dy * zv * tl.sigmoid(zv)
-        bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
-        Cm = tl.load(C_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
         scale = tl.exp(cs)
         carry = tl.exp(cl)
         if HAS_SEQ:
@@ -352,10 +361,19 @@ def _ssd_dstate_bwd_kernel(
             prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
             scale = tl.where(seq == prev_doc, scale, 0.0)
             carry = tl.where(tl.max(seq, axis=0) == prev_doc, carry, 0.0)
-        dys = (dy * scale[:, None]).to(Cm.dtype)
-        dH = tl.dot(tl.trans(dys), Cm, acc=dH * carry, input_precision=PREC)
+        bc_row = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g  # + the N offsets
+        C0 = tl.load(C_ptr + bc_row + offs_n0[None, :], mask=valid[:, None] & (offs_n0 < N)[None, :],
+                     other=0.0)  # fmt: skip
+        dys = tl.trans((dy * scale[:, None]).to(C0.dtype))
+        dH0 = tl.dot(dys, C0, acc=dH0 * carry, input_precision=PREC)
+        if NS == 2:
+            C1 = tl.load(C_ptr + bc_row + offs_n1[None, :],
+                         mask=valid[:, None] & (offs_n1 < N)[None, :], other=0.0)  # fmt: skip
+            dH1 = tl.dot(dys, C1, acc=dH1 * carry, input_precision=PREC)
     if WRITE_DINIT:
-        tl.store(dinit_ptr + fin_off, dH, mask=mask_pn)
+        tl.store(dinit_ptr + fin_p + offs_n0[None, :], dH0, mask=mask_pn0)
+        if NS == 2:
+            tl.store(dinit_ptr + fin_p + offs_n1[None, :], dH1, mask=mask_pn1)
 
 
 @triton.jit
@@ -780,7 +798,8 @@ def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min
 
 
 def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P,
-             *, block_p: int | None = None, num_warps: int = 4, num_stages: int = 2):  # fmt: skip
+             *, block_p: int | None = None, num_warps: int = 4, num_stages: int = 2,
+             split_n: bool | None = None):  # fmt: skip
     """Launch `_ssd_dstate_bwd_kernel`. Returns (dstates (B, C, H, P, N), dinit fp32)."""
     batch, L = dt.shape[:2]
     G, N = C.shape[2:]
@@ -799,7 +818,7 @@ def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_
             *(z.stride()[:3] if z is not None else (0, 0, 0)),
             HAS_Z=z is not None, HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus,
             CLAMP=(dt_min, dt_max) != DEFAULT_DT_LIMIT, HAS_SEQ=seq_idx is not None,
-            HAS_DFINAL=dfinal is not None, WRITE_DINIT=True,
+            HAS_DFINAL=dfinal is not None, WRITE_DINIT=True, NS=2 if _split_n(BN, split_n) else 1,
             Q=Q, BP=BP, BN=BN, PREC=_prec(C.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
