@@ -362,8 +362,8 @@ def _ssd_dstate_bwd_kernel(
             scale = tl.where(seq == prev_doc, scale, 0.0)
             carry = tl.where(tl.max(seq, axis=0) == prev_doc, carry, 0.0)
         bc_row = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g  # + the N offsets
-        C0 = tl.load(C_ptr + bc_row + offs_n0[None, :], mask=valid[:, None] & (offs_n0 < N)[None, :],
-                     other=0.0)  # fmt: skip
+        C0 = tl.load(C_ptr + bc_row + offs_n0[None, :],
+                     mask=valid[:, None] & (offs_n0 < N)[None, :], other=0.0)  # fmt: skip
         dys = tl.trans((dy * scale[:, None]).to(C0.dtype))
         dH0 = tl.dot(dys, C0, acc=dH0 * carry, input_precision=PREC)
         if NS == 2:
