@@ -755,19 +755,20 @@ _WALK_TUNER = LaunchTuner("ssd forward walk")
 TUNE_MIN_CHUNKS = 16  # shorter sequences take the heuristic launch untimed
 
 
-def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int) -> list[dict]:
+def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int, slots: int) -> list[dict]:
     """Launch candidates of the forward walk: the heuristic one first (`_segments`,
     `_fwd_p_block`, `_use_cb`, `_split_n`), then segments x P blocks x C B^T read or
     recomputed, and per segment count the other load-pipelining depth and (N >= 128) the
     state whole or in N halves, halves also on 8 warps. Which wins depends on the GPU and on
     batch x heads x length (walks are latency-bound; more segments or smaller P blocks add
-    programs, precomputed C B^T removes a product a step)."""
+    programs, precomputed C B^T removes a product a step). Segment counts whose walks would
+    more than fill the GPU's `slots` (two programs per SM) without them are not tried."""
     configs = [{}]
     if nchunks < TUNE_MIN_CHUNKS:
         return configs
     BPfull, BN = _blocks(P, N)
     for S in (1, 2, 4):
-        if S > 1 and nchunks // S < 8:
+        if S > 1 and (nchunks // S < 8 or batch * H * S // 2 >= slots):
             continue
         for BP in sorted({min(32, BPfull), BPfull}):
             configs += [dict(segments=S, block_p=BP, cb=cb) for cb in (False, True)]
@@ -792,7 +793,7 @@ def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min
     kw = dict(write_y=True, write_ypre=write_ypre, store_states=False)
     key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
            z is not None, seq_idx is not None, init is not None, write_ypre)  # fmt: skip
-    configs = _walk_configs(batch, H, nchunks, P, N)
+    configs = _walk_configs(batch, H, nchunks, P, N, 2 * _sm_count(x.device))
     best = _WALK_TUNER.choose(key, configs, lambda c: _scan_fwd(*args, **kw, **c), x.device)
     return _scan_fwd(*args, **kw, **best)
 

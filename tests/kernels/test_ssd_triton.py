@@ -362,9 +362,14 @@ def test_ssd_forward_walk_candidates_agree() -> None:
     d = {k: v.detach() for k, v in t.items()}
     args = (d["x"], d["dt"], d["A"], d["B"], d["C"], d["D"], d["z"], d["dt_bias"], None,
             extra["seq_idx"].to(torch.int32), True, 0.01, 5.0)  # fmt: skip
-    configs = triton_mod._walk_configs(1, case.H, chunks, case.P, case.N)
+    configs = triton_mod._walk_configs(1, case.H, chunks, case.P, case.N, 264)
     assert configs[0] == {} and {c.get("segments") for c in configs[1:]} == {1, 2}
     assert {c.get("num_stages") for c in configs[1:]} == {None, 1}
+    # a GPU whose slots the heads alone fill gets no segmented candidates
+    assert {c.get("segments") for c in triton_mod._walk_configs(1, 8, chunks, 16, 16, 8)} == {
+        None,
+        1,
+    }
     kw = dict(write_y=True, write_ypre=True, store_states=False)
     y0, ypre0, fin0, _ = triton_mod._scan_fwd(*args, **kw)
     for cfg in configs[1:]:
