@@ -199,11 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=200, help="do_bench time budget per case (ms)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument(
+        "--verbose", action="store_true", help="log every launch candidate the tuner timed"
+    )
+    parser.add_argument(
         "--shape", action="append", help="B,L,H,P,G,N to time instead of the default shapes"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("hybrid_kernels").setLevel(logging.INFO)  # the launch tuner's choices
+    level = logging.DEBUG if args.verbose else logging.INFO  # the launch tuner's choices
+    logging.getLogger("hybrid_kernels").setLevel(level)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         parser.error("no CUDA device: use --tiny under TRITON_INTERPRET=1")
