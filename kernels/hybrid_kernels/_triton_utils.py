@@ -115,8 +115,12 @@ class LaunchTuner:
         self._best[key] = configs[best]
         log.info("%s %s: chose %s (%.3f ms; the first candidate %.3f ms)", self.name, key,
                  configs[best] or "the default", times[best], times[0])  # fmt: skip
-        log.debug("%s %s: every candidate: %s", self.name, key,
-                  "; ".join(f"{c or 'default'} {t:.3f} ms" for c, t in zip(configs, times)))
+        log.debug(
+            "%s %s: every candidate: %s",
+            self.name,
+            key,
+            "; ".join(f"{c or 'default'} {t:.3f} ms" for c, t in zip(configs, times)),
+        )
         return configs[best]
 
 
