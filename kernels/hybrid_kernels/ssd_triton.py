@@ -800,8 +800,10 @@ def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min
 
 def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P,
              *, block_p: int | None = None, num_warps: int = 4, num_stages: int = 2,
-             split_n: bool | None = None):  # fmt: skip
-    """Launch `_ssd_dstate_bwd_kernel`. Returns (dstates (B, C, H, P, N), dinit fp32)."""
+             split_n: bool = False):  # fmt: skip
+    """Launch `_ssd_dstate_bwd_kernel`. Returns (dstates (B, C, H, P, N), dinit fp32).
+    `split_n` holds the gradient as two N halves (off by default: at N = 256 neither way
+    spills since the gradient is updated in place, and the halves are not timed yet)."""
     batch, L = dt.shape[:2]
     G, N = C.shape[2:]
     Q = KERNEL_CHUNK
@@ -819,7 +821,7 @@ def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_
             *(z.stride()[:3] if z is not None else (0, 0, 0)),
             HAS_Z=z is not None, HAS_DTB=dt_bias is not None, SOFTPLUS=dt_softplus,
             CLAMP=(dt_min, dt_max) != DEFAULT_DT_LIMIT, HAS_SEQ=seq_idx is not None,
-            HAS_DFINAL=dfinal is not None, WRITE_DINIT=True, NS=2 if _split_n(BN, split_n) else 1,
+            HAS_DFINAL=dfinal is not None, WRITE_DINIT=True, NS=2 if split_n and BN >= 32 else 1,
             Q=Q, BP=BP, BN=BN, PREC=_prec(C.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip

@@ -286,6 +286,21 @@ def test_ssd_split_state_walk_matches_whole_state(segments: int) -> None:
             assert rel_err(b, a) < 1e-5
 
 
+@pytest.mark.parametrize("N", [32, 48])
+def test_ssd_state_gradient_walk_halves_match_whole(N: int) -> None:
+    """The state-gradient walk holding its gradient as two N halves (N = 48: the second half
+    partly masked) gives the per-chunk state gradients and the initial-state gradient of the
+    whole-state walk, with a final-state gradient, z and documents."""
+    case = Case(L=150, H=4, G=2, N=N, z=True, docs=True)
+    t, extra, gy, gf = make_inputs(case)
+    dt, A, C, z, dtb = (t[k].detach() for k in ("dt", "A", "C", "z", "dt_bias"))
+    args = (gy, gf, z, dt, A, C, dtb, extra["seq_idx"].to(torch.int32), True, 0.01, 5.0, 4, 16)
+    whole = triton_mod._dstates(*args, split_n=False)
+    halves = triton_mod._dstates(*args, split_n=True)
+    for a, b in zip(whole, halves):
+        assert rel_err(b, a) < 1e-5
+
+
 @pytest.mark.parametrize("L, G, N", [(100, 2, 32), (64, 1, 10), (150, 3, 80)])
 def test_chunk_cb_kernel_matches_torch(L: int, G: int, N: int) -> None:
     """The per-chunk C B^T kernel equals fp64 batched products of the zero-padded chunks."""
