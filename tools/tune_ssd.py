@@ -60,28 +60,33 @@ def main(argv: list[str] | None = None) -> int:
     fwd = dict(write_y=True, write_ypre=False, store_states=False)
     rec = dict(write_y=False, write_ypre=False, store_states=True, chunk=k.KERNEL_CHUNK)
     bwd_args = (x, dy, None, None, dt, A, B, C, D, dtb, None, states, dstates, True, 0.0, inf)
+    BN = k._blocks(P, N)[1]
+    splits = (False, True) if BN >= 64 else (False,)  # the walks' state whole or in N halves
     sweeps = {
         "fwd y": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, D, None, *common, **fwd, **c),
             [dict(block_p=p, num_warps=w, num_stages=s, cb=cb, segments=g, chunk=q)
              for p in (16, 32, 64) for w in (4, 8) for s in (1, 2) for cb in (False, True)
              for g in (1, 2, 4, 8) for q in (32, 64)
-             if not (cb and N < k.CB_MIN_N) and not (q == 32 and cb)],
+             if not (cb and N < k.CB_MIN_N) and not (q == 32 and cb)]
+            + [dict(block_p=p, num_warps=w, cb=cb, segments=1, split_n=not k._split_n(BN, None))
+               for p in (32, 64) for w in (4, 8) for cb in (False, True) if BN >= 64],
         ),
         "bwd states": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
-            [dict(block_p=p, num_warps=w, num_stages=s) for p in (16, 32, 64) for w in (4, 8)
-             for s in (2, 3)],
+            [dict(block_p=p, num_warps=w, num_stages=s, split_n=ns) for p in (16, 32, 64)
+             for w in (4, 8) for s in (2, 3) for ns in splits],
         ),
         "dstates": (
             lambda **c: k._dstates(dy, None, None, dt, A, C, dtb, None, True, 0.0, inf, H, P, **c),
-            [dict(block_p=p, num_warps=w, num_stages=s) for p in (16, 32, 64) for w in (4, 8)
-             for s in (2, 3)],
+            [dict(block_p=p, num_warps=w, num_stages=s, split_n=ns) for p in (16, 32, 64)
+             for w in (4, 8) for s in (2, 3) for ns in splits],
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
-            [dict(dx_block_n=n, num_warps=w, num_stages=s, heads_first=f) for n in (64, 128)
-             for w in (4, 8) for s in (1, 2) for f in (False, True)],
+            [dict(dx_block_n=n, num_warps=w, num_stages=s, heads_first=f, dx_cb=cb)
+             for n in (64, 128) for w in (4, 8) for s in (1, 2) for f in (False, True)
+             for cb in (False, True)],
         ),
         "dB dC": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),
