@@ -270,7 +270,7 @@ def _ssd_scan_fwd_kernel(
     if NS == 2:
         _walk_end(final_ptr, s1, glob_p + offs_n1[None, :], mask_pn1, b, seg, n_seg, seg_size,
                   WRITE_DECAY, WRITE_FINAL)  # fmt: skip
-    if WRITE_DECAY:  # noqa: SIM102
+    if WRITE_DECAY:  # noqa: SIM102 (a constexpr branch, then a runtime one)
         if pid_p == 0:
             tl.store(decay_ptr + (b * n_seg + seg) * H + h, decay)
 
@@ -653,7 +653,8 @@ def _use_cb(N: int, cb: bool | None) -> bool:
 def _split_n(BN: int, split_n: bool | None) -> bool:
     """Whether the walk holds its state as two N halves (default from N = 256 on, where the
     whole (P, N) state, B and C tiles do not fit the registers together)."""
-    return BN >= SPLIT_MIN_N if split_n is None else split_n and BN >= 32
+    want = BN >= SPLIT_MIN_N if split_n is None else split_n
+    return want and BN >= 32  # halves of at least 16 (the dot products' smallest K)
 
 
 def _chunk_cb(B: Tensor, C: Tensor, chunk: int) -> Tensor:

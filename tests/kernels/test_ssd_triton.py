@@ -255,6 +255,7 @@ def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPat
 SPLIT_CASES = {
     "docs_init_z_N32": Case(L=130, G=2, N=32, z=True, init=True, docs=True),
     "fp16_N48": Case(L=80, G=2, N=48, z=True, docs=True, dtype=torch.float16),
+    "N10_stays_whole": CPU_CASES["odd_sizes"],  # halves of 8 would be too small: not split
 }
 
 
