@@ -135,12 +135,14 @@ def _store_rows(ptr, rows, cols, mask, D, v):
 
 @triton.jit
 def _gated_rmsnorm_fwd_kernel(
-    x_ptr, z_ptr, w_ptr, y_ptr, M, D, S, eps, s_xm, s_zm,
+    x_ptr, z_ptr, w_ptr, y_ptr, M, D, S, eps: tl.float64, s_xm, s_zm,
     HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
 ):  # fmt: skip
     """Program (row block, group g): y (M, D) contiguous. A group of NC > 1 column chunks is
-    read twice (sum of squares, then output) to bound the registers."""
+    read twice (sum of squares, then output) to bound the registers. `eps` is passed as
+    fp64 (a plain float argument would reach the GPU as fp32) and used in ACC."""
+    eps = tl.full((), eps, ACC)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     g = tl.program_id(1)
     if NC == 1:
@@ -174,14 +176,16 @@ def _gated_rmsnorm_fwd_kernel(
 
 @triton.jit
 def _gated_rmsnorm_bwd_kernel(
-    dy_ptr, x_ptr, z_ptr, w_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, S, eps, s_xm, s_zm,
+    dy_ptr, x_ptr, z_ptr, w_ptr, dx_ptr, dz_ptr, dw_part_ptr, M, D, S, eps: tl.float64,
+    s_xm, s_zm,
     HAS_Z: tl.constexpr, HAS_W: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
     ACC: tl.constexpr, BM: tl.constexpr, BS: tl.constexpr, NC: tl.constexpr,
     ITERS: tl.constexpr,
 ):  # fmt: skip
     """Program (run r of ITERS row blocks, group g): dx and dz (M, D) contiguous, partial
     dweight (n_runs, D) in fp32 (or fp64); this program alone writes its row of partials (with
-    NC > 1 column chunks it adds to it, so the buffer starts at zero)."""
+    NC > 1 column chunks it adds to it, so the buffer starts at zero). `eps` as forward."""
+    eps = tl.full((), eps, ACC)
     r = tl.program_id(0)
     g = tl.program_id(1)
     dw_acc = tl.zeros((BS,), dtype=ACC)
