@@ -31,7 +31,8 @@ from hybrid_kernels import ssd_triton as k  # noqa: E402
 
 FP32_PTRS = {
     "A_ptr", "D_ptr", "dtb_ptr", "init_ptr", "cb_ptr", "final_ptr", "decay_ptr", "ends_ptr",
-    "ddt_ptr", "dA_ptr", "dD_ptr", "dinit_ptr", "dfinal_ptr", "dB_ptr", "dC_ptr",
+    "ddt_ptr", "dA_ptr", "dD_ptr", "dinit_ptr", "dfinal_ptr", "dB_ptr", "dC_ptr", "csum_ptr",
+    "hsum_ptr",
 }  # fmt: skip
 DIV16 = {"L", "H", "P", "N", "nchunks"}
 FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32")
@@ -89,14 +90,14 @@ def fwd(BP=64, BN=256, Q=64, warps=4, stages=1, cb=True, store=False, y=True, ns
     return k._ssd_scan_fwd_kernel, consts, warps, stages
 
 
-def dx(Q=64, BP=64, BNK=128, warps=4, stages=1, cb=False) -> tuple:
-    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_CB=cb, Q=Q, BP=BP, BNK=BNK,
+def dx(Q=64, BP=64, BNK=128, warps=4, stages=1, cb=False, sums=True) -> tuple:
+    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_CB=cb, SUMS=sums, Q=Q, BP=BP, BNK=BNK,
                   HEADS_FIRST=True)  # fmt: skip
     return k._ssd_dx_bwd_kernel, consts, warps, stages
 
 
-def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2) -> tuple:
-    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, BLOCKS_FIRST=False)
+def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2, sums=True) -> tuple:
+    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, BLOCKS_FIRST=False, WRITE_SUMS=sums)
     return k._ssd_dbc_bwd_kernel, consts, warps, stages
 
 

@@ -84,15 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "dx": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dbc=False, **c),
-            [dict(dx_block_n=n, num_warps=w, num_stages=s, heads_first=f, dx_cb=cb)
+            [dict(dx_block_n=n, num_warps=w, num_stages=s, heads_first=f, dx_cb=cb,
+                  state_sums=ss)
              for n in (64, 128) for w in (4, 8) for s in (1, 2) for f in (False, True)
-             for cb in (False, True)],
+             for cb in (False, True) for ss in (False, True)],
         ),
         "dB dC": (
             lambda **c: k._chunk_bwd(*bwd_args, run_dx=False, **c),
-            [dict(dbc_block_n=n, dbc_warps=w, dbc_stages=s, dbc_min_programs=m, blocks_first=f)
+            [dict(dbc_block_n=n, dbc_warps=w, dbc_stages=s, dbc_min_programs=m, blocks_first=f,
+                  state_sums=ss)
              for n in (64, 128) for w in (4, 8) for s in (1, 2) for m in (264, 1056)
-             for f in (False, True)],
+             for f in (False, True) for ss in (False, True)],
+        ),
+        # dx reads the states itself, or takes their terms from dB/dC (which then does more):
+        # the trade is between the two kernels, so time them together
+        "dx+dB dC": (
+            lambda **c: k._chunk_bwd(*bwd_args, **c),
+            [dict(state_sums=ss, dx_cb=cb, dx_block_n=n) for ss in (False, True)
+             for cb in (False, True) for n in (64, 128)],
         ),
     }  # fmt: skip
     print(f"shape B{b} L{L} H{H} P{P} G{G} N{N}  (ms, do_bench median)")

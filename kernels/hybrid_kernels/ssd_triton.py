@@ -415,19 +415,22 @@ def _load_dy(dy_ptr, z_ptr, ypre_ptr, dz_ptr, o_off, z_off, row_mask, HAS_Z: tl.
 @triton.jit
 def _ssd_dx_bwd_kernel(
     x_ptr, dy_ptr, z_ptr, ypre_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dtb_ptr, seq_ptr,
-    states_ptr, dstates_ptr, cb_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
-    L, H, P, N, R, G, nchunks, dt_min, dt_max,
+    states_ptr, dstates_ptr, cb_ptr, csum_ptr, hsum_ptr, dx_ptr, dz_ptr, ddt_ptr, dA_ptr, dD_ptr,
+    L, H, P, N, R, G, nchunks, NB, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_CB: tl.constexpr,
-    Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
+    SUMS: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr,
+    PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
     """Program (b * C + c, h), or (h, b * C + c) with HEADS_FIRST (a chunk's heads run side
     by side and share its B and C in the L2): dx, dz, ddt (raw dt) of chunk c and head h, and
     the partial sums of dA (B * C, H) and dD (B * C, H, P). dB and dC are
     `_ssd_dbc_bwd_kernel`'s. Contractions over N run in blocks of BNK to keep the tiles small;
-    with HAS_CB, C B^T is read from `_chunk_cb_kernel`'s (B, C, G, Q, Q) output instead."""
+    with HAS_CB, C B^T is read from `_chunk_cb_kernel`'s (B, C, G, Q, Q) output instead.
+    With SUMS the entering states are not read: the two terms that need them (the state
+    part of d(cumsum) per position, and <dS, Hprev>) come summed over N by `_ssd_dbc_bwd_kernel`
+    as NB partials each (its N blocks), so only the state gradients are contracted here."""
     if HEADS_FIRST:
         h = tl.program_id(0)
         pid_bc = tl.program_id(1)
@@ -445,7 +448,8 @@ def _ssd_dx_bwd_kernel(
         dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
     )
     row_mask = valid[:, None] & mask_p[None, :]
-    # N contractions: CB = C B^T (unless read), sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>.
+    # N contractions: CB = C B^T (unless read), sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>
+    # (CH and hs: unless SUMS).
     if HAS_CB:
         CB = tl.load(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q))
     else:
@@ -458,18 +462,30 @@ def _ssd_dx_bwd_kernel(
         mask_n = offs_n < N
         bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
         Bm = tl.load(B_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
-        Cm = tl.load(C_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
+        if not HAS_CB or not SUMS:
+            Cm = tl.load(C_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
         st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
-        Hprev = tl.load(states_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
+        if not SUMS:
+            Hprev = tl.load(states_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :],
+                            other=0.0)  # fmt: skip
         dS = tl.load(dstates_ptr + st_off, mask=mask_p[:, None] & mask_n[None, :], other=0.0)
         if not HAS_CB:
             CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
         sB += tl.dot(Bm, tl.trans(dS.to(Bm.dtype)), input_precision=PREC)
-        CH += tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
-        hs += tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32), axis=1)
+        if not SUMS:
+            CH += tl.dot(Cm, tl.trans(Hprev.to(Cm.dtype)), input_precision=PREC)
+            hs += tl.sum(dS.to(tl.float32) * Hprev.to(tl.float32), axis=1)
     cs = tl.cumsum(dt * A, axis=0)
     cl = _last(cs, offs_q, Q)
     E, gS, scale, carry = _chunk_decays(seq_ptr, b, c, pos, L, cs, cl, offs_q, Q, HAS_SEQ)
+    if SUMS:  # dB/dC's partial sums over its N blocks, in a fixed order
+        batch = tl.num_programs(1 if HEADS_FIRST else 0) // nchunks
+        dcs_state = tl.zeros((Q,), dtype=tl.float32)
+        hs_all = 0.0
+        for nb in range(NB):
+            dcs_state += tl.load(csum_ptr + ((nb * batch + b) * L + pos) * H + h, mask=valid,
+                                 other=0.0)  # fmt: skip
+            hs_all += tl.load(hsum_ptr + ((nb * batch + b) * nchunks + c) * H + h)
     x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
     o_off = _o_off(b, pos, h, offs_p, L, H, P)
     z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
@@ -480,7 +496,10 @@ def _ssd_dx_bwd_kernel(
     # Each (Q, Q) / (Q, P) tile is consumed as soon as it can be, to keep few of them live:
     # dcs (the derivative with respect to the in-chunk cumsum of dt * A) takes the entering
     # state's term first (CH), then the end state's (sB), the intra-chunk one last.
-    dcs = scale * tl.sum(dy * CH, axis=1)
+    if SUMS:
+        dcs = dcs_state
+    else:
+        dcs = scale * tl.sum(dy * CH, axis=1)
     U = gS * dt * tl.sum(xf * sB, axis=1)
     # dx = dt * (intra + state terms) + D dy; ddt's explicit part is x . (those terms).
     CBE = CB * E
@@ -499,7 +518,9 @@ def _ssd_dx_bwd_kernel(
     W = tl.dot(dyc, tl.trans(xm), input_precision=PREC) * CBE * dt[None, :]
     dcs += tl.sum(W, axis=1) - tl.sum(W, axis=0)
     dcs -= U
-    at_end = tl.sum(U, axis=0) + carry * tl.sum(hs, axis=0)
+    if not SUMS:
+        hs_all = tl.sum(hs, axis=0)
+    at_end = tl.sum(U, axis=0) + carry * hs_all
     dcs += tl.where(offs_q == Q - 1, at_end, 0.0)
     da = tl.cumsum(dcs, axis=0, reverse=True)
     ddt = (ddt_x + A * da) * dgrad
@@ -510,18 +531,21 @@ def _ssd_dx_bwd_kernel(
 @triton.jit
 def _ssd_dbc_bwd_kernel(
     x_ptr, dy_ptr, z_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, dtb_ptr, seq_ptr,
-    states_ptr, dstates_ptr, dB_ptr, dC_ptr,
+    states_ptr, dstates_ptr, dB_ptr, dC_ptr, csum_ptr, hsum_ptr,
     L, H, P, N, R, G, nchunks, heads_per_split, dt_min, dt_max,
     s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_SEQ: tl.constexpr,
+    HAS_SEQ: tl.constexpr, WRITE_SUMS: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNB: tl.constexpr, PREC: tl.constexpr,
     BLOCKS_FIRST: tl.constexpr,
 ):  # fmt: skip
     """Program (split, b * C + c, g * n_blocks + n_block), or (g * n_blocks + n_block, split,
     b * C + c) with BLOCKS_FIRST (the N blocks that read the same x and dy run side by side):
     dB and dC of chunk c on one block of N, summed over the heads of one split of group g,
-    into partials (splits, B, L, G, N) fp32."""
+    into partials (splits, B, L, G, N) fp32. With WRITE_SUMS, per head and this N block
+    also the dx kernel's terms of the entering state (which it then does not read):
+    scale * sum_n C (dy Hprev)[:, n] per position into csum (n_blocks, B, L, H), and
+    <dS, Hprev> into hsum (n_blocks, B, C, H)."""
     if BLOCKS_FIRST:
         pid_gn = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -532,11 +556,13 @@ def _ssd_dbc_bwd_kernel(
         pid_gn = tl.program_id(2)
     n_blocks = tl.cdiv(N, BNB)
     g = pid_gn // n_blocks
+    nb = pid_gn % n_blocks
+    batch = tl.num_programs(2 if BLOCKS_FIRST else 1) // nchunks
     b = pid_bc // nchunks
     c = pid_bc % nchunks
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
-    offs_n = (pid_gn % n_blocks) * BNB + tl.arange(0, BNB)
+    offs_n = nb * BNB + tl.arange(0, BNB)
     mask_p = offs_p < P
     mask_n = offs_n < N
     mask_pn = mask_p[:, None] & mask_n[None, :]
@@ -569,14 +595,21 @@ def _ssd_dbc_bwd_kernel(
         st_off = _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N)
         Hprev = tl.load(states_ptr + st_off, mask=mask_pn, other=0.0)
         dS = tl.load(dstates_ptr + st_off, mask=mask_pn, other=0.0)
+        if WRITE_SUMS:  # <dS, Hprev> as the trace of dS Hprev^T (no register copies)
+            dSH = tl.dot(dS.to(xm.dtype), tl.trans(Hprev.to(xm.dtype)), input_precision=PREC)
+            hs = tl.sum(tl.sum(tl.where(offs_p[:, None] == offs_p[None, :], dSH, 0.0), axis=1))
+            tl.store(hsum_ptr + ((nb * batch + b) * nchunks + c) * H + h, hs)
         # the group's heads share B and C: sum d(C B^T) over heads, contract with B, C once
         dCB_acc += tl.dot(dyc, tl.trans(xm), input_precision=PREC) * E * dt[None, :]
-        dC_acc += scale[:, None] * tl.dot(dyc, Hprev.to(xm.dtype), input_precision=PREC)
+        dyH = scale[:, None] * tl.dot(dyc, Hprev.to(xm.dtype), input_precision=PREC)
+        dC_acc += dyH
+        if WRITE_SUMS:
+            sum_off = ((nb * batch + b) * L + pos) * H + h
+            tl.store(csum_ptr + sum_off, tl.sum(dyH * Cm.to(tl.float32), axis=1), mask=valid)
         dB_acc += (gS * dt)[:, None] * tl.dot(xm, dS.to(xm.dtype), input_precision=PREC)
     dCB = dCB_acc.to(Bm.dtype)
     dC_acc += tl.dot(dCB, Bm, input_precision=PREC)
     dB_acc += tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
-    batch = tl.num_programs(2 if BLOCKS_FIRST else 1) // nchunks
     dst = (((pid_s * batch + b) * L + pos[:, None]) * G + g) * N + offs_n[None, :]
     tl.store(dB_ptr + dst, dB_acc, mask=bc_mask)
     tl.store(dC_ptr + dst, dC_acc, mask=bc_mask)
@@ -841,10 +874,15 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
                dx_block_n: int = 64, dbc_block_n: int = 128, dbc_warps: int = 8,
                dbc_stages: int = 2, dbc_min_programs: int = 264,
                heads_first: bool = True, blocks_first: bool = False, dx_cb: bool = False,
-               run_dx: bool = True, run_dbc: bool = True):  # fmt: skip
-    """Launch `_ssd_dx_bwd_kernel` and `_ssd_dbc_bwd_kernel`; reduce their partial sums.
+               state_sums: bool = True, run_dx: bool = True,
+               run_dbc: bool = True):  # fmt: skip
+    """Launch `_ssd_dbc_bwd_kernel` and `_ssd_dx_bwd_kernel`; reduce their partial sums.
     dB/dC launch: N blocks of 128 on 8 warps (H100 sweeps: 0.45 ms against 0.70 with blocks
-    of 64 on 4 warps at B4 L4096 H64 G1 N128; 3.3 against 5.4 ms at B2 L8192 H256 G8 N256)."""
+    of 64 on 4 warps at B4 L4096 H64 G1 N128; 3.3 against 5.4 ms at B2 L8192 H256 G8 N256).
+    With `state_sums` dB/dC also sums the entering state's terms over N for dx, so dx reads
+    the per-chunk state gradients but not the states (a (P, N) tile and an N contraction less
+    per program). `run_dx` / `run_dbc` let tools/tune_ssd.py time one kernel alone (dx alone
+    then reads unset sums: for timing only)."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
     R = H // G
@@ -868,29 +906,31 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     splits = triton.cdiv(R, hps)
     dB = torch.empty(splits, batch, L, G, N, **f32)
     dC = torch.empty(splits, batch, L, G, N, **f32)
+    csum = torch.empty(n_blocks, batch, L, H, **f32) if state_sums else None
+    hsum = torch.empty(n_blocks, batch, nchunks, H, **f32) if state_sums else None
     with _device_ctx(x):
-        if run_dx:  # (the run_* switches let tools/tune_ssd.py time one kernel alone)
-            heads_first = heads_first and batch * nchunks <= _GRID_YZ
-            grid = (H, batch * nchunks) if heads_first else (batch * nchunks, H)
-            CB = _chunk_cb(B, C, Q) if dx_cb else None
-            _ssd_dx_bwd_kernel[grid](
-                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates, CB,
-                dx, dz, ddt, dA, dD, L, H, P, N, R, G, nchunks, dt_min, dt_max, *strides,
-                Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
-                HAS_CB=dx_cb,
-                HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
         if run_dbc:
             grid = (splits, batch * nchunks, G * n_blocks)
             if blocks_first:
                 grid = (G * n_blocks, splits, batch * nchunks)
             _ssd_dbc_bwd_kernel[grid](
-                x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC,
+                x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC, csum, hsum,
                 L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
                 HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
-                CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"],
+                CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"], WRITE_SUMS=state_sums,
                 Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype), BLOCKS_FIRST=blocks_first,
                 num_warps=dbc_warps, num_stages=dbc_stages,
+            )  # fmt: skip
+        if run_dx:
+            heads_first = heads_first and batch * nchunks <= _GRID_YZ
+            grid = (H, batch * nchunks) if heads_first else (batch * nchunks, H)
+            CB = _chunk_cb(B, C, Q) if dx_cb else None
+            _ssd_dx_bwd_kernel[grid](
+                x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates, CB, csum,
+                hsum, dx, dz, ddt, dA, dD, L, H, P, N, R, G, nchunks, n_blocks, dt_min, dt_max,
+                *strides, Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
+                HAS_CB=dx_cb, SUMS=state_sums,
+                HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
     dD_sum = None
     if D is not None:

@@ -349,13 +349,35 @@ def test_ssd_backward_with_read_cb_matches_recomputed() -> None:
         assert rel_err(b, a) < 1e-5
 
 
-def _bwd_inputs(case: Case) -> tuple:
+@pytest.mark.parametrize(
+    "N, dbc_block_n, min_programs, docs", [(48, 16, 264, True), (80, 32, 1, False)]
+)
+def test_ssd_backward_state_sums_match_dx_reading_states(
+    N: int, dbc_block_n: int, min_programs: int, docs: bool
+) -> None:
+    """dx taking the entering state's terms summed over N from the dB/dC kernel (its N blocks
+    and head splits: 3 blocks of 16, masked blocks of 32, one head a split) gives the
+    gradients of the dx kernel that reads the states itself (fp32: the same sums in another
+    order). With slow decays a chunk's entering state reaches its end, so <dS, Hprev> counts."""
+    args = _bwd_inputs(Case(L=150, H=4, G=2, N=N, z=True, docs=docs), a_scale=0.02)
+    kw = dict(dbc_block_n=dbc_block_n, dbc_min_programs=min_programs)
+    ref = triton_mod._chunk_bwd(*args, state_sums=False, **kw)
+    for dx_cb in (False, True):
+        got = triton_mod._chunk_bwd(*args, state_sums=True, dx_cb=dx_cb, **kw)
+        for a, b in zip(ref, got):
+            assert rel_err(b, a) < 1e-5, dx_cb
+
+
+def _bwd_inputs(case: Case, a_scale: float = 1.0) -> tuple:
     """The chunk backward's inputs (ypre, per-chunk states and state gradients from the
-    other kernels) for a case with z and documents."""
+    other kernels) for a case with z (and documents when it has them). `a_scale` < 1 slows
+    the decay, so that states carry across whole chunks (at the cases' A a state decays
+    by about e^-45 over a 64-position chunk)."""
     t, extra, gy, _ = make_inputs(case)
     x, dt, A, B, C, D, z, dtb = (t[k].detach() for k in ("x", "dt", "A", "B", "C", "D", "z",
                                                          "dt_bias"))  # fmt: skip
-    seq = extra["seq_idx"].to(torch.int32)
+    A = A * a_scale
+    seq = extra["seq_idx"].to(torch.int32) if case.docs else None
     proc = (True, 0.01, 5.0)
     _, ypre, _, _ = triton_mod._scan_fwd(
         x, dt, A, B, C, D, z, dtb, None, seq, *proc, write_y=True, write_ypre=True,
