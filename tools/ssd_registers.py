@@ -5,10 +5,11 @@
 
 Each argument is KERNEL:KEY=VALUE,... with KERNEL one of fwd (forward walk), dx, dbc (dB/dC),
 dstate (state gradients) and keys among Q, BP, BN / BNK / BNB, warps, stages, cb, y, store
-(see the functions below for the defaults: the N = 256 launch). The kernel is compiled to PTX
+(see the functions below for the defaults: the N = 256 launch), and i64 for every kernel
+(the 64-bit offsets used for tensors of 2^31 elements or more). The kernel is compiled to PTX
 by Triton for an sm_90 target and assembled by `ptxas -v`, which reports what the GPU would
-use; it needs a ptxas that accepts Triton's PTX version (Triton 3.6's bundled one does; pass
---ptxas otherwise). Timings still need the GPU (tools/tune_ssd.py).
+use; by default with the ptxas Triton bundles for sm_90 (pass --ptxas for another). Timings
+still need the GPU (tools/tune_ssd.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ FP32_PTRS = {
     "hsum_ptr",
 }  # fmt: skip
 DIV16 = {"L", "H", "P", "N", "nchunks"}
-FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32")
+FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32",
+             I64=False)  # fmt: skip
 
 
 def _arg_type(name: str, consts: dict) -> str:
@@ -110,8 +112,15 @@ KERNELS = {"fwd": fwd, "dx": dx, "dbc": dbc, "dstate": dstate}
 
 
 def _default_ptxas() -> str:
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    return str(bundled) if bundled.exists() else shutil.which("ptxas") or "ptxas"
+    """The ptxas Triton itself assembles sm_90 code with (bundled; which of its two depends on
+    the Triton version), else one on PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, RuntimeError):
+        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+        return str(bundled) if bundled.exists() else shutil.which("ptxas") or "ptxas"
 
 
 def _parse(spec: str) -> tuple[str, dict]:
@@ -135,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'launch':40} {'regs':>5} {'spill B':>8} {'smem B':>8}")
     for spec in args.specs:
         name, kwargs = _parse(spec)
-        regs, spills, smem = resources(*KERNELS[name](**kwargs), ptxas=args.ptxas)
+        i64 = kwargs.pop("i64", False)  # 64-bit offsets (tensors of 2^31 elements or more)
+        fn, consts, warps, stages = KERNELS[name](**kwargs)
+        regs, spills, smem = resources(fn, dict(consts, I64=i64), warps, stages, args.ptxas)
         print(f"{spec:40} {regs:5d} {spills:8d} {smem:8d}", flush=True)
     return 0
 

@@ -15,10 +15,16 @@ Kernels, top-down:
 * `_chunk_cb_kernel` — C B^T of every chunk and group, read by the walk when N is large.
 * `_ssd_dstate_bwd_kernel` — the same walk in reverse for the state gradient: it writes the
   gradient flowing into each chunk's end state and returns the initial-state gradient.
-* `_ssd_chunk_bwd_kernel` — one program per (chunk, group, split of the group's heads) computes
-  dx, ddt (through softplus/clamp), dz, and accumulates dB and dC over the heads of its split in
-  registers; partial sums over splits, chunks and batch (dB, dC, dA, dD, dt_bias) are reduced by
-  `torch.sum`, so two backward passes give bitwise-equal gradients.
+* `_ssd_dbc_bwd_kernel` — one program per (split of a group's heads, chunk, block of N)
+  accumulates dB and dC over the heads of its split in registers, and (by default) sums over
+  its N block the two terms of the entering state that dx needs.
+* `_ssd_dx_bwd_kernel` — one program per (chunk, head): dx, ddt (through softplus/clamp), dz,
+  and partial sums of dA and dD. Partial sums over splits, N blocks, chunks and batch are
+  reduced in a fixed order (`torch.sum`), so two backward passes give bitwise-equal gradients.
+
+Offsets are 32-bit unless a tensor spans 2^31 elements or more (long sequences, wide in_proj
+views, per-chunk states at large N): then the launchers set I64 and the kernels widen the batch
+index and positions, from which every offset is built (`_needs_i64`).
 
 The kernels chunk the sequence in blocks of `KERNEL_CHUNK` positions, whatever `chunk_size` the
 caller gives: the SSD result does not depend on the chunk size.
@@ -66,13 +72,31 @@ def _process_dt(dt, bias, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP: tl.cons
 
 
 @triton.jit
+def _pos(c, Q: tl.constexpr, I64: tl.constexpr):
+    """Positions of chunk c; int64 with I64, so that offsets built from them (and from the
+    batch index, which `_index` widens too) are 64-bit."""
+    if I64:
+        c = tl.cast(c, tl.int64)
+    return c * Q + tl.arange(0, Q)
+
+
+@triton.jit
+def _index(i, I64: tl.constexpr):
+    """`i` as int64 with I64 (tensors of 2^31 elements or more), else as it is."""
+    if I64:
+        i = tl.cast(i, tl.int64)
+    return i
+
+
+@triton.jit
 def _load_chunk_dt(
     dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max,
     Q: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     """Chunk c of head h from a contiguous raw dt (B, L, H): (pos, valid, processed dt (zero
-    past L), d processed / d raw)."""
-    pos = c * Q + tl.arange(0, Q)
+    past L), d processed / d raw). Positions are int64 with I64 (`_needs_i64`)."""
+    pos = _pos(c, Q, I64)
     valid = pos < L
     raw = tl.load(dt_ptr + (b * L + pos) * H + h, mask=valid, other=0.0).to(tl.float32)
     bias = 0.0
@@ -148,7 +172,7 @@ def _ssd_scan_fwd_kernel(
     WRITE_Y: tl.constexpr, WRITE_YPRE: tl.constexpr, STORE_STATES: tl.constexpr,
     WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr, HAS_CB: tl.constexpr,
     CHAIN: tl.constexpr, NS: tl.constexpr,
-    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Program (P block, b * H + h, segment): walk the segment's chunks, carrying the state in
     registers. Segments of `seg_chunks` chunks let several programs walk one sequence (`n_seg`
@@ -164,7 +188,7 @@ def _ssd_scan_fwd_kernel(
     seg = tl.program_id(2)
     c_start = seg * seg_chunks
     c_end = tl.minimum(c_start + seg_chunks, nchunks)
-    b = pid_bh // H
+    b = _index(pid_bh // H, I64)
     h = pid_bh % H
     g = h // R
     offs_q = tl.arange(0, Q)
@@ -195,7 +219,7 @@ def _ssd_scan_fwd_kernel(
     decay = 1.0
     for c in range(c_start, c_end):
         pos, valid, dt, _ = _load_chunk_dt(
-            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP, I64
         )
         cs = tl.cumsum(dt * A, axis=0)
         cl = _last(cs, offs_q, Q)
@@ -278,16 +302,16 @@ def _ssd_scan_fwd_kernel(
 @triton.jit
 def _chunk_cb_kernel(
     B_ptr, C_ptr, cb_ptr, L, N, G, nchunks, s_B_b, s_B_l, s_B_g,
-    Q: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr,
+    Q: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Program (b * C + c, g): C B^T of chunk c and group g into a (B, C, G, Q, Q) tensor,
     contracting N in blocks of BNK; rows and columns past L are zero. B and C share strides."""
     pid_bc = tl.program_id(0)
     g = tl.program_id(1)
-    b = pid_bc // nchunks
+    b = _index(pid_bc // nchunks, I64)
     c = pid_bc % nchunks
     offs_q = tl.arange(0, Q)
-    pos = c * Q + offs_q
+    pos = _pos(c, Q, I64)
     valid = pos < L
     CB = tl.zeros((Q, Q), dtype=tl.float32)
     for n0 in range(0, N, BNK):
@@ -308,12 +332,13 @@ def _ssd_dstate_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr,
     NS: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     """dstates[c] = d loss / d (state at the end of chunk c), walking the chunks backwards.
     With NS = 2 the gradient is held and updated as two N halves (as the forward walk)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = _index(pid_bh // H, I64)
     h = pid_bh % H
     g = h // R
     offs_q = tl.arange(0, Q)
@@ -343,7 +368,7 @@ def _ssd_dstate_bwd_kernel(
             tl.store(dstates_ptr + st_p + offs_n1[None, :],
                      dH1.to(dstates_ptr.dtype.element_ty), mask=mask_pn1)  # fmt: skip
         pos, valid, dt, _ = _load_chunk_dt(
-            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP, I64
         )
         cs = tl.cumsum(dt * A, axis=0)
         cl = _last(cs, offs_q, Q)
@@ -421,7 +446,7 @@ def _ssd_dx_bwd_kernel(
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
     SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_CB: tl.constexpr,
     SUMS: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr,
-    PREC: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    PREC: tl.constexpr, HEADS_FIRST: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Program (b * C + c, h), or (h, b * C + c) with HEADS_FIRST (a chunk's heads run side
     by side and share its B and C in the L2): dx, dz, ddt (raw dt) of chunk c and head h, and
@@ -437,7 +462,7 @@ def _ssd_dx_bwd_kernel(
     else:
         pid_bc = tl.program_id(0)
         h = tl.program_id(1)
-    b = pid_bc // nchunks
+    b = _index(pid_bc // nchunks, I64)
     c = pid_bc % nchunks
     g = h // R
     offs_q = tl.arange(0, Q)
@@ -445,7 +470,7 @@ def _ssd_dx_bwd_kernel(
     mask_p = offs_p < P
     A = tl.load(A_ptr + h).to(tl.float32)
     pos, valid, dt, dgrad = _load_chunk_dt(
-        dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+        dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP, I64
     )
     row_mask = valid[:, None] & mask_p[None, :]
     # N contractions: CB = C B^T (unless read), sB = B dS^T, CH = C Hprev^T, hs = <dS, Hprev>
@@ -537,7 +562,7 @@ def _ssd_dbc_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     HAS_SEQ: tl.constexpr, WRITE_SUMS: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNB: tl.constexpr, PREC: tl.constexpr,
-    BLOCKS_FIRST: tl.constexpr,
+    BLOCKS_FIRST: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Program (split, b * C + c, g * n_blocks + n_block), or (g * n_blocks + n_block, split,
     b * C + c) with BLOCKS_FIRST (the N blocks that read the same x and dy run side by side):
@@ -558,7 +583,7 @@ def _ssd_dbc_bwd_kernel(
     g = pid_gn // n_blocks
     nb = pid_gn % n_blocks
     batch = tl.num_programs(2 if BLOCKS_FIRST else 1) // nchunks
-    b = pid_bc // nchunks
+    b = _index(pid_bc // nchunks, I64)
     c = pid_bc % nchunks
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
@@ -566,7 +591,7 @@ def _ssd_dbc_bwd_kernel(
     mask_p = offs_p < P
     mask_n = offs_n < N
     mask_pn = mask_p[:, None] & mask_n[None, :]
-    pos = c * Q + offs_q
+    pos = _pos(c, Q, I64)
     valid = pos < L
     row_mask = valid[:, None] & mask_p[None, :]
     bc_mask = valid[:, None] & mask_n[None, :]
@@ -581,7 +606,7 @@ def _ssd_dbc_bwd_kernel(
     for h in range(h_start, h_end):
         A = tl.load(A_ptr + h).to(tl.float32)
         _, _, dt, _ = _load_chunk_dt(
-            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP
+            dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP, I64
         )
         cs = tl.cumsum(dt * A, axis=0)
         cl = _last(cs, offs_q, Q)
@@ -625,6 +650,23 @@ def _blocks(P: int, N: int) -> tuple[int, int]:
 def _prec(dtype: torch.dtype) -> str:
     """fp32 inputs keep fp32 dot products (no TF32), so fp32 results match the reference."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+FORCE_I64 = False  # tests: run the 64-bit offset code at any size
+
+
+def _span(t: Tensor | None) -> int:
+    """Elements from a tensor's first to its last, strides included (a view spans its base)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+def _needs_i64(*tensors: Tensor | None) -> bool:
+    """Whether a kernel's offsets into these tensors may pass 2^31 - 1 elements (long
+    sequences, wide in_proj views, per-chunk states at large N): then it computes them in 64
+    bits (I64). Only then: 64-bit offsets cost registers the walks do not have to spare."""
+    return FORCE_I64 or max(_span(t) for t in tensors) > 2**31 - 1
 
 
 def _device_ctx(t: Tensor):
@@ -700,6 +742,7 @@ def _chunk_cb(B: Tensor, C: Tensor, chunk: int) -> Tensor:
         _chunk_cb_kernel[(batch * nchunks, G)](
             B, C, cb, L, N, G, nchunks, B.stride(0), B.stride(1), B.stride(2),
             Q=chunk, BNK=min(64, max(16, triton.next_power_of_2(N))), PREC=_prec(B.dtype),
+            I64=_needs_i64(B, C, cb),
         )  # fmt: skip
     return cb
 
@@ -770,6 +813,7 @@ def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt
             STORE_STATES=states is not None, WRITE_FINAL=final is not None,
             WRITE_DECAY=first_pass, HAS_CB=cb is not None, CHAIN=ends is not None, NS=NS,
             Q=chunk, BP=BP, BN=BN, PREC=_prec(x.dtype),
+            I64=_needs_i64(x, dt, B, C, z, init, seq_idx, cb, y, ypre, final, states, ends),
             **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
@@ -857,6 +901,7 @@ def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_
             CLAMP=(dt_min, dt_max) != DEFAULT_DT_LIMIT, HAS_SEQ=seq_idx is not None,
             HAS_DFINAL=dfinal is not None, WRITE_DINIT=True, NS=2 if split_n and BN >= 32 else 1,
             Q=Q, BP=BP, BN=BN, PREC=_prec(C.dtype),
+            I64=_needs_i64(dy, z, dt, C, seq_idx, dfinal, dstates, dinit),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return dstates, dinit
@@ -908,6 +953,7 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     dC = torch.empty(splits, batch, L, G, N, **f32)
     csum = torch.empty(n_blocks, batch, L, H, **f32) if state_sums else None
     hsum = torch.empty(n_blocks, batch, nchunks, H, **f32) if state_sums else None
+    i64 = _needs_i64(x, dy, z, ypre, dt, B, C, seq_idx, states, dstates, dB, dC, csum, dz, ddt)
     with _device_ctx(x):
         if run_dbc:
             grid = (splits, batch * nchunks, G * n_blocks)
@@ -918,7 +964,7 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
                 L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
                 HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
                 CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"], WRITE_SUMS=state_sums,
-                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype), BLOCKS_FIRST=blocks_first,
+                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype), BLOCKS_FIRST=blocks_first, I64=i64,
                 num_warps=dbc_warps, num_stages=dbc_stages,
             )  # fmt: skip
         if run_dx:
@@ -929,7 +975,7 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
                 x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates, CB, csum,
                 hsum, dx, dz, ddt, dA, dD, L, H, P, N, R, G, nchunks, n_blocks, dt_min, dt_max,
                 *strides, Q=Q, BP=BP, BNK=min(dx_block_n, BN), PREC=_prec(x.dtype), **flags,
-                HAS_CB=dx_cb, SUMS=state_sums,
+                HAS_CB=dx_cb, SUMS=state_sums, I64=i64,
                 HEADS_FIRST=heads_first, num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
     dD_sum = None

@@ -252,6 +252,61 @@ def test_ssd_triton_with_precomputed_cb(name: str, monkeypatch: pytest.MonkeyPat
     check_against_references(CPU_CASES[name])
 
 
+@pytest.mark.parametrize("cb_min_n", [0, 10**9])
+def test_ssd_64bit_offsets_give_the_same_results(
+    cb_min_n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels' 64-bit offset code (taken for tensors of 2^31 elements or more) computes
+    what the 32-bit code does, bit for bit: forward, final state and every gradient, with C B^T
+    read (cb_min_n 0) or recomputed, documents, z, initial states and G > 1."""
+    monkeypatch.setattr(triton_mod, "CB_MIN_N", cb_min_n)
+    tensors, extra, gy, gf = make_inputs(Case(L=150, G=2, z=True, init=True, docs=True))
+    want = run(ssd_triton, tensors, extra, gy, gf)
+    monkeypatch.setattr(triton_mod, "FORCE_I64", True)
+    got = run(ssd_triton, tensors, extra, gy, gf)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_needs_i64_measures_the_strided_span() -> None:
+    """64-bit offsets are chosen when a tensor (or the strided view the kernel reads, e.g. x
+    inside in_proj's output) spans 2^31 elements or more, and only then."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    assert not triton_mod._needs_i64(torch.empty(2, 1024, 64, 64, **meta), None)
+    assert triton_mod._needs_i64(torch.empty(1, 2**17, 128, 128, **meta))  # 2^31 elements
+    wide = torch.empty(1, 2**17, 17000, **meta)[..., :8192].view(1, 2**17, 128, 64)
+    assert wide.numel() < 2**31 and triton_mod._needs_i64(wide)
+
+
+@pytest.mark.gpu
+def test_ssd_past_2_31_elements_matches_two_halves_gpu() -> None:
+    """At L = 2^17, 192 heads, N = 128 the backward's per-chunk states hold 1.5 x 2^31
+    elements (bf16, 6.4 GB; about 35 GB in all): the full sequence gives the y, final state and
+    dx (second half) of the two halves run one after the other (the second starting from the
+    first's final state; each half's states stay below 2^31). 32-bit offsets would wrap."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    L, H, P, N, bf = 2**17, 192, 64, 128, torch.bfloat16
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(bf)
+
+    x, dt = rand(1, L, H, P), rand(1, L, H, scale=0.5)
+    B, C, dy = rand(1, L, 1, N), rand(1, L, 1, N), rand(1, L, H, P)
+    A = -torch.rand(H, generator=gen, device="cuda") - 0.1
+    kw = dict(dt_softplus=True, return_final_states=True)
+    xg = x.clone().requires_grad_(True)
+    y, final = ssd_triton(xg, dt, A, B, C, **kw)
+    y.backward(dy)
+    h = L // 2
+    y1, mid = ssd_triton(x[:, :h], dt[:, :h], A, B[:, :h], C[:, :h], **kw)
+    x2 = x[:, h:].clone().requires_grad_(True)
+    y2, final2 = ssd_triton(x2, dt[:, h:], A, B[:, h:], C[:, h:], initial_states=mid, **kw)
+    y2.backward(dy[:, h:])
+    assert rel_err(y[:, :h], y1) < 1e-2 and rel_err(y[:, h:], y2) < 1e-2
+    assert rel_err(final, final2) < 1e-2
+    assert rel_err(xg.grad[:, h:], x2.grad) < 1e-2
+
+
 SPLIT_CASES = {
     "docs_init_z_N32": Case(L=130, G=2, N=32, z=True, init=True, docs=True),
     "fp16_N48": Case(L=80, G=2, N=48, z=True, docs=True, dtype=torch.float16),
