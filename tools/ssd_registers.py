@@ -4,8 +4,9 @@
     PYTHONPATH=/tmp/t36 python tools/ssd_registers.py fwd: fwd:warps=8 dx:BNK=128 dbc: dstate:
 
 Each argument is KERNEL:KEY=VALUE,... with KERNEL one of fwd (forward walk), dx, dbc (dB/dC),
-dstate (state gradients) and keys among Q, BP, BN / BNK / BNB, warps, stages, cb, y, store
-(see the functions below for the defaults: the N = 256 launch), and i64 for every kernel
+dstate (state gradients), y (the split forward's y from stored states) and keys among Q, BP,
+BN / BNK / BNB, warps, stages, cb, y, store, ns, sums (see the functions below for the
+defaults: the N = 256 launch), and i64 for every kernel
 (the 64-bit offsets used for tensors of 2^31 elements or more). The kernel is compiled to PTX
 by Triton for an sm_90 target and assembled by `ptxas -v`, which reports what the GPU would
 use; by default with the ptxas Triton bundles for sm_90 (pass --ptxas for another). Timings
@@ -108,7 +109,13 @@ def dstate(Q=64, BP=64, BN=256, warps=4, stages=2, ns=1) -> tuple:
     return k._ssd_dstate_bwd_kernel, consts, warps, stages
 
 
-KERNELS = {"fwd": fwd, "dx": dx, "dbc": dbc, "dstate": dstate}
+def y(Q=64, BP=64, BNK=128, warps=4, stages=2, cb=True) -> tuple:
+    consts = dict(FLAGS, HAS_D=True, D_PER_P=False, WRITE_YPRE=False, HAS_CB=cb,
+                  HEADS_FIRST=True, Q=Q, BP=BP, BNK=BNK)  # fmt: skip
+    return k._ssd_chunk_y_kernel, consts, warps, stages
+
+
+KERNELS = {"fwd": fwd, "dx": dx, "dbc": dbc, "dstate": dstate, "y": y}
 
 
 def _default_ptxas() -> str:

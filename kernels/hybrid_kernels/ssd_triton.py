@@ -325,6 +325,84 @@ def _chunk_cb_kernel(
 
 
 @triton.jit
+def _ssd_chunk_y_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, seq_ptr, states_ptr, cb_ptr,
+    y_ptr, ypre_ptr,
+    L, H, P, N, R, G, nchunks, dt_min, dt_max,
+    s_x_b, s_x_l, s_x_h, s_B_b, s_B_l, s_B_g, s_z_b, s_z_l, s_z_h,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, HAS_SEQ: tl.constexpr,
+    WRITE_YPRE: tl.constexpr, HAS_CB: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    Q: tl.constexpr, BP: tl.constexpr, BNK: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
+):  # fmt: skip
+    """Program (h, b * C + c), or (b * C + c, h) without HEADS_FIRST: y of chunk c and head h
+    from the state entering the chunk, read from `states` (B, C, H, P, N) that a state-only
+    walk stored: y = C h scaled by the decay from the chunk's start, plus the masked C B^T x,
+    plus D x, gated by z. The chunks are
+    independent, so all run at once (the split forward: one short walk, then this). The same
+    sums as the walk's y, which also rounds the state to the inputs' dtype for its product."""
+    if HEADS_FIRST:  # a chunk's heads side by side: they share its C (and C B^T) in the L2
+        h = tl.program_id(0)
+        pid_bc = tl.program_id(1)
+    else:
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
+    b = _index(pid_bc // nchunks, I64)
+    c = pid_bc % nchunks
+    g = h // R
+    offs_q = tl.arange(0, Q)
+    offs_p = tl.arange(0, BP)
+    mask_p = offs_p < P
+    A = tl.load(A_ptr + h).to(tl.float32)
+    pos, valid, dt, _ = _load_chunk_dt(
+        dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max, Q, HAS_DTB, SOFTPLUS, CLAMP, I64
+    )
+    row_mask = valid[:, None] & mask_p[None, :]
+    off = tl.zeros((Q, BP), dtype=tl.float32)  # C h, over N in blocks of BNK
+    if HAS_CB:
+        CB = tl.load(cb_ptr + _cb_off(b, c, g, offs_q, nchunks, G, Q))
+    else:
+        CB = tl.zeros((Q, Q), dtype=tl.float32)
+    for n0 in range(0, N, BNK):
+        offs_n = n0 + tl.arange(0, BNK)
+        mask_n = offs_n < N
+        bc_off = b * s_B_b + pos[:, None] * s_B_l + g * s_B_g + offs_n[None, :]
+        Cm = tl.load(C_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
+        st = tl.load(states_ptr + _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N),
+                     mask=mask_p[:, None] & mask_n[None, :], other=0.0)  # fmt: skip
+        off = tl.dot(Cm, tl.trans(st.to(Cm.dtype)), acc=off, input_precision=PREC)
+        if not HAS_CB:
+            Bm = tl.load(B_ptr + bc_off, mask=valid[:, None] & mask_n[None, :], other=0.0)
+            CB = tl.dot(Cm, tl.trans(Bm), acc=CB, input_precision=PREC)
+    cs = tl.cumsum(dt * A, axis=0)
+    keep = offs_q[:, None] >= offs_q[None, :]
+    scale = tl.exp(cs)
+    if HAS_SEQ:
+        seq = tl.load(seq_ptr + b * L + tl.minimum(pos, L - 1))
+        prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        keep = keep & (seq[:, None] == seq[None, :])
+        scale = tl.where(seq == prev_doc, scale, 0.0)
+    x_off = b * s_x_b + pos[:, None] * s_x_l + h * s_x_h + offs_p[None, :]
+    xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
+    M = CB * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf"))) * dt[None, :]
+    y = tl.dot(M.to(xm.dtype), xm, acc=off * scale[:, None], input_precision=PREC)
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+        y += xm.to(tl.float32) * Dv
+    o_off = _o_off(b, pos, h, offs_p, L, H, P)
+    if HAS_Z:
+        if WRITE_YPRE:
+            tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
+        z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+        zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
+        y = y * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
 def _ssd_dstate_bwd_kernel(
     dy_ptr, z_ptr, dt_ptr, A_ptr, C_ptr, dtb_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
     L, H, P, N, R, nchunks, dt_min, dt_max,
@@ -751,7 +829,7 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
               *, write_y: bool, write_ypre: bool, store_states: bool, chunk: int = FWD_CHUNK,
               block_p: int | None = None, segments: int | None = None, num_warps: int = 4,
               num_stages: int | None = None, cb: bool | None = None,
-              split_n: bool | None = None):  # fmt: skip
+              split_n: bool | None = None, split_y: dict | None = None):  # fmt: skip
     """Launch `_ssd_scan_fwd_kernel`. Returns (y, ypre, final (B, H, P, N) fp32, states
     (B, C, H, P, N) entering each chunk of `chunk` positions when `store_states`).
 
@@ -759,7 +837,23 @@ def _scan_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min,
     two-level scan): a first launch gives each segment's end state from a zero start and its
     decay, a short loop here chains them into every segment's true start state, and a second
     launch walks the segments again from those starts.
+
+    With `split_y` (keywords of `_chunk_y`) y is not computed by the walk: a walk that only
+    carries the state stores it per chunk, and `_ssd_chunk_y_kernel` computes every chunk's y
+    from it in parallel (the split forward).
     """
+    if split_y is not None and write_y:
+        walk = dict(chunk=chunk, block_p=block_p, segments=segments, split_n=split_n,
+                    **_STATES_LAUNCH[B.shape[-1] >= CB_MIN_N])  # fmt: skip
+        _, _, final, states = _scan_fwd(
+            x, dt, A, B, C, None, None, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
+            write_y=False, write_ypre=False, store_states=True, **walk,
+        )  # fmt: skip
+        y, ypre = _chunk_y(
+            x, dt, A, B, C, D, z, dt_bias, seq_idx, states, dt_softplus, dt_min, dt_max,
+            write_ypre=write_ypre, chunk=chunk, cb=_use_cb(B.shape[-1], cb), **split_y,
+        )  # fmt: skip
+        return y, ypre, final, states if store_states else None
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
     nchunks = triton.cdiv(L, chunk)
@@ -819,6 +913,36 @@ def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt
         )  # fmt: skip
 
 
+def _chunk_y(x, dt, A, B, C, D, z, dt_bias, seq_idx, states, dt_softplus, dt_min, dt_max,
+             *, write_ypre: bool, chunk: int, cb: bool, block_n: int = 128, num_warps: int = 4,
+             num_stages: int = 2) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Launch `_ssd_chunk_y_kernel` over every (chunk, head): (y, ypre or None). `states`
+    (B, C, H, P, N) are the states entering each chunk of `chunk` positions; `cb` reads
+    C B^T from `_chunk_cb` instead of contracting it in every head's program."""
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    nchunks = triton.cdiv(L, chunk)
+    BP, BN = _blocks(P, N)
+    CB = _chunk_cb(B, C, chunk) if cb else None
+    y = torch.empty(batch, L, H, P, device=x.device, dtype=x.dtype)
+    ypre = torch.empty_like(y) if write_ypre and z is not None else None
+    heads_first = batch * nchunks <= _GRID_YZ
+    grid = (H, batch * nchunks) if heads_first else (batch * nchunks, H)
+    with _device_ctx(x):
+        _ssd_chunk_y_kernel[grid](
+            x, dt, A, B, C, D, z, dt_bias, seq_idx, states, CB, y, ypre,
+            L, H, P, N, H // G, G, nchunks, dt_min, dt_max,
+            x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+            *(z.stride()[:3] if z is not None else (0, 0, 0)),
+            WRITE_YPRE=ypre is not None, HAS_CB=cb, HEADS_FIRST=heads_first,
+            Q=chunk, BP=BP, BNK=min(block_n, BN), PREC=_prec(x.dtype),
+            I64=_needs_i64(x, dt, B, C, z, seq_idx, states, CB, y, ypre),
+            **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    return y, ypre
+
+
 def _segments(batch: int, H: int, nchunks: int, device: torch.device) -> int:
     """Segments per sequence for the chunk walk: enough walks to fill two programs per SM, at
     most 8, each at least 16 chunks long."""
@@ -830,6 +954,13 @@ def _segments(batch: int, H: int, nchunks: int, device: torch.device) -> int:
 
 
 _WALK_TUNER = LaunchTuner("ssd forward walk")
+# `_chunk_y` launches the tuner tries for the split forward (untimed: the N-block width, warps
+# and load pipelining of a kernel that contracts C with a (P, N) state read from memory)
+SPLIT_Y_LAUNCHES = (
+    dict(block_n=128, num_warps=4, num_stages=2),
+    dict(block_n=64, num_warps=4, num_stages=3),
+    dict(block_n=128, num_warps=8, num_stages=2),
+)
 TUNE_MIN_CHUNKS = 16  # shorter sequences take the heuristic launch untimed
 
 
@@ -837,10 +968,12 @@ def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int, slots: int) 
     """Launch candidates of the forward walk: the heuristic one first (`_segments`,
     `_fwd_p_block`, `_use_cb`, `_split_n`), then segments x P blocks x C B^T read or
     recomputed, and per segment count the other load-pipelining depth and (N >= 128) the
-    state whole or in N halves, halves also on 8 warps. Which wins depends on the GPU and on
-    batch x heads x length (walks are latency-bound; more segments or smaller P blocks add
-    programs, precomputed C B^T removes a product a step). Segment counts whose walks would
-    more than fill the GPU's `slots` (two programs per SM) without them are not tried."""
+    state whole or in N halves, halves also on 8 warps; from N = 128 on also the split forward
+    (`SPLIT_Y_LAUNCHES`, and the first with the other C B^T choice). Which wins depends on the
+    GPU and on batch x heads x length (walks are latency-bound; more segments or smaller P
+    blocks add programs, precomputed C B^T removes a product a step). Segment counts whose
+    walks would more than fill the GPU's `slots` (two programs per SM) without them are not
+    tried."""
     configs = [{}]
     if nchunks < TUNE_MIN_CHUNKS:
         return configs
@@ -857,6 +990,9 @@ def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int, slots: int) 
             configs.append(dict(segments=S, block_p=BPfull, split_n=split))
             if split or BN >= SPLIT_MIN_N:  # halves on 8 warps: fewer registers a thread
                 configs.append(dict(segments=S, block_p=BPfull, split_n=True, num_warps=8))
+    if BN >= 128:  # the split forward (state-only walk, then all chunks' y at once)
+        configs += [dict(split_y=y) for y in SPLIT_Y_LAUNCHES]
+        configs.append(dict(split_y=SPLIT_Y_LAUNCHES[0], cb=not _use_cb(N, None)))
     return configs
 
 

@@ -21,11 +21,12 @@ PTXAS = Path(nvidia.get_ptxas(90).path)  # the ptxas Triton uses for sm_90 (bund
 pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptxas is missing")
 
 # The launches the ops use at N = 256 and N = 128 (forward walk with its state in halves or
-# whole, the backward's state walks, dx and dB/dC with and without the state sums), and the
+# whole, the backward's state walks, dx and dB/dC with and without the state sums, the split
+# forward's y kernel), and the
 # 64-bit offset variants taken for tensors of 2^31 elements or more.
 SSD_LAUNCHES = [
     "fwd:ns=2", "fwd:BN=128,stages=2", "fwd:store=True,y=False,cb=False,stages=2,ns=2",
-    "dstate:", "dx:", "dx:sums=False,BNK=64", "dbc:", "dbc:sums=False",
+    "dstate:", "dx:", "dx:sums=False,BNK=64", "dbc:", "dbc:sums=False", "y:", "y:cb=False",
     "fwd:ns=2,i64=True", "dstate:i64=True", "dx:i64=True", "dbc:i64=True",
 ]  # fmt: skip
 

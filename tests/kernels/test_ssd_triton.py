@@ -471,6 +471,40 @@ def test_ssd_forward_walk_candidates_agree() -> None:
         assert rel_err(fin, fin0) < 1e-5, cfg
 
 
+@pytest.mark.parametrize(
+    "N, split_y, extra_kw",
+    [
+        (32, dict(block_n=16), dict(cb=True)),  # two N blocks, C B^T read
+        (48, dict(block_n=32, num_warps=8), dict(cb=False, segments=2)),  # a masked N block
+        (16, {}, dict(cb=False)),  # one block
+    ],
+)
+def test_ssd_split_forward_matches_the_walk(N: int, split_y: dict, extra_kw: dict) -> None:
+    """The split forward (a state-only walk storing the per-chunk states, then every chunk's y
+    from them at once) gives the walk's y, y before the gate, final state and states, with
+    documents, z, initial states, G > 1 and a length that is not a multiple of the chunk."""
+    case = Case(L=150, G=2, N=N, z=True, init=True, docs=True)
+    t, extra, _, _ = make_inputs(case)
+    d = {k: v.detach() for k, v in t.items()}
+    args = (d["x"], d["dt"], d["A"], d["B"], d["C"], d["D"], d["z"], d["dt_bias"],
+            d["initial_states"], extra["seq_idx"].to(torch.int32), True, 0.01, 5.0)  # fmt: skip
+    kw = dict(write_y=True, write_ypre=True, store_states=True, **extra_kw)
+    want = triton_mod._scan_fwd(*args, **kw)
+    got = triton_mod._scan_fwd(*args, **kw, split_y=split_y)
+    for name, a, b in zip(("y", "ypre", "final", "states"), got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_forward_tuner_tries_the_split_forward_from_n128() -> None:
+    """From N = 128 on the forward's candidates include the split forward (each y launch of
+    `SPLIT_Y_LAUNCHES`, and one with the other C B^T choice); below, the walk alone."""
+    big = triton_mod._walk_configs(2, 64, 64, 64, 128, 264)
+    split = [c for c in big if "split_y" in c]
+    assert [c["split_y"] for c in split[:-1]] == list(triton_mod.SPLIT_Y_LAUNCHES)
+    assert split[-1]["cb"] is not triton_mod._use_cb(128, None)
+    assert not any("split_y" in c for c in triton_mod._walk_configs(2, 64, 64, 64, 64, 264))
+
+
 def test_launch_tuner_takes_the_first_config_untimed_off_cuda() -> None:
     from hybrid_kernels._triton_utils import LaunchTuner
 
