@@ -39,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="4,4096,64,64,1,128", help="B,L,H,P,G,N")
     parser.add_argument("--only", help="comma-separated kernel names to sweep (default: all)")
     parser.add_argument("--no-sweep", action="store_true", help="time the defaults only")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        help="where to run (cuda; cpu only under "
+        "TRITON_INTERPRET=1, to check the script at tiny shapes)",
+    )
     args = parser.parse_args(argv)
     b, L, H, P, G, N = (int(v) for v in args.shape.split(","))
-    dev, bf = "cuda", torch.bfloat16
+    dev, bf = args.device, torch.bfloat16
     x = torch.randn(b, L, H, P, device=dev, dtype=bf)
     dt = torch.randn(b, L, H, device=dev, dtype=bf) * 0.5
     A = -torch.rand(H, device=dev) - 0.1
@@ -70,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
              for g in (1, 2, 4, 8) for q in (32, 64)
              if not (cb and N < k.CB_MIN_N) and not (q == 32 and cb)]
             + [dict(block_p=p, num_warps=w, cb=cb, segments=1, split_n=not k._split_n(BN, None))
-               for p in (32, 64) for w in (4, 8) for cb in (False, True) if BN >= 64],
+               for p in (32, 64) for w in (4, 8) for cb in (False, True) if BN >= 64]
+            + [dict(split_y=y, cb=cb) for y in k.SPLIT_Y_LAUNCHES for cb in (False, True)],
+        ),
+        # the split forward's second kernel alone (its walk is "bwd states" with chunk 64)
+        "split y": (
+            lambda **c: k._chunk_y(x, dt, A, B, C, D, None, dtb, None, states, True, 0.0, inf,
+                                   write_ypre=False, chunk=k.KERNEL_CHUNK,
+                                   **{"cb": k._use_cb(N, None), **c}),
+            [dict(block_n=n, num_warps=w, num_stages=s, cb=cb) for n in (32, 64, 128)
+             for w in (4, 8) for s in (1, 2, 3) for cb in (False, True)],
         ),
         "bwd states": (
             lambda **c: k._scan_fwd(x, dt, A, B, C, None, None, *common, **rec, **c),
