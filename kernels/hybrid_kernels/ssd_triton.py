@@ -993,6 +993,8 @@ def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int, slots: int) 
     if BN >= 128:  # the split forward (state-only walk, then all chunks' y at once)
         configs += [dict(split_y=y) for y in SPLIT_Y_LAUNCHES]
         configs.append(dict(split_y=SPLIT_Y_LAUNCHES[0], cb=not _use_cb(N, None)))
+        # at chunk 128: half the states to store and read, (128, 128) tiles on 8 warps
+        configs.append(dict(split_y=dict(block_n=64, num_warps=8, num_stages=2), chunk=128))
     return configs
 
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptx
 SSD_LAUNCHES = [
     "fwd:ns=2", "fwd:BN=128,stages=2", "fwd:store=True,y=False,cb=False,stages=2,ns=2",
     "dstate:", "dx:", "dx:sums=False,BNK=64", "dbc:", "dbc:sums=False", "y:", "y:cb=False",
+    "y:Q=128,warps=8,BNK=64",
     "fwd:ns=2,i64=True", "dstate:i64=True", "dx:i64=True", "dbc:i64=True",
 ]  # fmt: skip
 

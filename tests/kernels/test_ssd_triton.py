@@ -477,6 +477,7 @@ def test_ssd_forward_walk_candidates_agree() -> None:
         (32, dict(block_n=16), dict(cb=True)),  # two N blocks, C B^T read
         (48, dict(block_n=32, num_warps=8), dict(cb=False, segments=2)),  # a masked N block
         (16, {}, dict(cb=False)),  # one block
+        (32, dict(block_n=16, num_warps=8), dict(cb=True, chunk=128)),  # chunks of 128
     ],
 )
 def test_ssd_split_forward_matches_the_walk(N: int, split_y: dict, extra_kw: dict) -> None:
@@ -500,8 +501,9 @@ def test_forward_tuner_tries_the_split_forward_from_n128() -> None:
     `SPLIT_Y_LAUNCHES`, and one with the other C B^T choice); below, the walk alone."""
     big = triton_mod._walk_configs(2, 64, 64, 64, 128, 264)
     split = [c for c in big if "split_y" in c]
-    assert [c["split_y"] for c in split[:-1]] == list(triton_mod.SPLIT_Y_LAUNCHES)
-    assert split[-1]["cb"] is not triton_mod._use_cb(128, None)
+    assert [c["split_y"] for c in split[:3]] == list(triton_mod.SPLIT_Y_LAUNCHES)
+    assert split[3]["cb"] is not triton_mod._use_cb(128, None)
+    assert split[4]["chunk"] == 128
     assert not any("split_y" in c for c in triton_mod._walk_configs(2, 64, 64, 64, 64, 264))
 
 
