@@ -1155,6 +1155,27 @@ def _ssd_fwd_fake(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, dt_sof
 _STATES_LAUNCH = {False: dict(num_warps=8, num_stages=3), True: dict(num_warps=4, num_stages=2)}
 
 
+# The backward's pieces choose their variants as the forward does (first use, per shape): the
+# state recompute walk and the state-gradient walk hold their (P, N) tile whole or as N halves;
+# dx takes the entering state's terms from dB/dC (`state_sums`) or reads the states itself, and
+# C B^T from `_chunk_cb` or contracted per head. The first candidate is the default.
+_BWD_TUNERS = {name: LaunchTuner(f"ssd backward {name}") for name in ("states", "dstates", "dx")}
+
+
+def _bwd_configs(N: int, nchunks: int) -> dict[str, list[dict]]:
+    """Candidates of each backward piece (the default first); the default alone for short
+    sequences (fewer than `TUNE_MIN_CHUNKS` chunks), where timing would cost more than it saves."""
+    BN = _blocks(1, N)[1]
+    if nchunks < TUNE_MIN_CHUNKS:
+        return {"states": [{}], "dstates": [{}], "dx": [{}]}
+    halves = [{}, dict(split_n=not _split_n(BN, None))] if BN >= 128 else [{}]
+    return {
+        "states": halves,
+        "dstates": [{}, dict(split_n=True)] if BN >= 128 else [{}],
+        "dx": [{}, dict(state_sums=False), dict(dx_cb=True), dict(state_sums=False, dx_cb=True)],
+    }
+
+
 def _ssd_bwd_impl(
     dy: Tensor, dfinal: Tensor | None, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None, z: Tensor | None, ypre: Tensor | None, dt_bias: Tensor | None,
@@ -1162,21 +1183,37 @@ def _ssd_bwd_impl(
     dt_max: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """-> (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); empty tensors for absent inputs."""
-    H, P = x.shape[2:]
-    large_n = B.shape[-1] >= CB_MIN_N
+    batch, L, H, P = x.shape
+    G, N = B.shape[2:]
+    large_n = N >= CB_MIN_N
     dy = dy.contiguous()
-    _, _, _, states = _scan_fwd(
-        x, dt, A, B, C, None, None, dt_bias, initial_states, seq_idx, dt_softplus, dt_min,
-        dt_max, write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,
-        **_STATES_LAUNCH[large_n],
-    )  # fmt: skip
-    dstates, dinit = _dstates(
-        dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_max, H, P
-    )
-    dx, dz, ddt, dB, dC, dA, dD = _chunk_bwd(
-        x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
-        dt_softplus, dt_min, dt_max, dx_block_n=128 if large_n else 64,
-    )  # fmt: skip
+    key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(triton.cdiv(L, KERNEL_CHUNK)),
+           x.dtype, z is not None, seq_idx is not None, initial_states is not None)  # fmt: skip
+    configs = _bwd_configs(N, triton.cdiv(L, KERNEL_CHUNK))
+
+    def tuned(name: str, run) -> dict:
+        return _BWD_TUNERS[name].choose(key, configs[name], run, x.device)
+
+    proc = (dt_softplus, dt_min, dt_max)
+    walk = dict(write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,
+                **_STATES_LAUNCH[large_n])  # fmt: skip
+
+    def states_walk(c: dict) -> tuple:
+        return _scan_fwd(x, dt, A, B, C, None, None, dt_bias, initial_states, seq_idx, *proc,
+                         **walk, **c)  # fmt: skip
+
+    _, _, _, states = states_walk(tuned("states", states_walk))
+
+    def dstates_walk(c: dict) -> tuple:
+        return _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, *proc, H, P, **c)
+
+    dstates, dinit = dstates_walk(tuned("dstates", dstates_walk))
+
+    def chunk_bwd(c: dict) -> tuple:
+        return _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates,
+                          *proc, dx_block_n=128 if large_n else 64, **c)  # fmt: skip
+
+    dx, dz, ddt, dB, dC, dA, dD = chunk_bwd(tuned("dx", chunk_bwd))
     ddt_bias = ddt.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
 
     def out(g: Tensor | None, t: Tensor | None) -> Tensor:

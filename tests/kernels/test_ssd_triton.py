@@ -423,6 +423,33 @@ def test_ssd_backward_state_sums_match_dx_reading_states(
             assert rel_err(b, a) < 1e-5, dx_cb
 
 
+def test_ssd_backward_candidates_agree() -> None:
+    """Every variant the backward's tuners may choose gives the default's gradients (fp32: the
+    same sums in other orders): dx with or without the state sums and C B^T read or not; at
+    N >= 128 also the walks' (P, N) tiles whole or in halves; short sequences take the default
+    untimed."""
+    configs = triton_mod._bwd_configs(32, triton_mod.TUNE_MIN_CHUNKS)
+    assert configs["dx"][0] == {} and len(configs["dx"]) == 4
+    assert configs["states"] == configs["dstates"] == [{}]
+    big = triton_mod._bwd_configs(256, triton_mod.TUNE_MIN_CHUNKS)
+    assert big["states"][1] == {"split_n": False} and big["dstates"][1] == {"split_n": True}
+    assert all(v == [{}] for v in triton_mod._bwd_configs(256, 2).values())
+    args = _bwd_inputs(Case(L=150, H=4, G=2, N=32, z=True, docs=True), a_scale=0.02)
+    ref = triton_mod._chunk_bwd(*args)
+    for cfg in configs["dx"][1:]:
+        for a, b in zip(ref, triton_mod._chunk_bwd(*args, **cfg)):
+            assert rel_err(b, a) < 1e-5, cfg
+
+
+@pytest.mark.gpu
+def test_ssd_tuned_launches_match_references_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the launch tuners on (as in training), the launches they choose for the forward
+    (walk or split forward) and each backward piece meet the references' error bound."""
+    monkeypatch.setenv("HYBRID_KERNELS_TUNE", "1")
+    check_against_references(GPU_CASES["bf16_N256_G8"], "cuda")
+    check_against_references(GPU_CASES["bf16_B2_L4096_H32_G4_N128"], "cuda")
+
+
 def _bwd_inputs(case: Case, a_scale: float = 1.0) -> tuple:
     """The chunk backward's inputs (ypre, per-chunk states and state gradients from the
     other kernels) for a case with z (and documents when it has them). `a_scale` < 1 slows
