@@ -89,6 +89,19 @@ def _index(i, I64: tl.constexpr):
 
 
 @triton.jit
+def _chunk_head(nchunks, R, HEADS_FIRST: tl.constexpr, I64: tl.constexpr):
+    """(b, c, h, g, b * C + c) of a program over (h, b * C + c), or over (b * C + c, h)
+    without HEADS_FIRST."""
+    if HEADS_FIRST:
+        h = tl.program_id(0)
+        pid_bc = tl.program_id(1)
+    else:
+        pid_bc = tl.program_id(0)
+        h = tl.program_id(1)
+    return _index(pid_bc // nchunks, I64), pid_bc % nchunks, h, h // R, pid_bc
+
+
+@triton.jit
 def _load_chunk_dt(
     dt_ptr, dtb_ptr, b, h, c, L, H, dt_min, dt_max,
     Q: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
@@ -338,18 +351,11 @@ def _ssd_chunk_y_kernel(
     """Program (h, b * C + c), or (b * C + c, h) without HEADS_FIRST: y of chunk c and head h
     from the state entering the chunk, read from `states` (B, C, H, P, N) that a state-only
     walk stored: y = C h scaled by the decay from the chunk's start, plus the masked C B^T x,
-    plus D x, gated by z. The chunks are
-    independent, so all run at once (the split forward: one short walk, then this). The same
-    sums as the walk's y, which also rounds the state to the inputs' dtype for its product."""
-    if HEADS_FIRST:  # a chunk's heads side by side: they share its C (and C B^T) in the L2
-        h = tl.program_id(0)
-        pid_bc = tl.program_id(1)
-    else:
-        pid_bc = tl.program_id(0)
-        h = tl.program_id(1)
-    b = _index(pid_bc // nchunks, I64)
-    c = pid_bc % nchunks
-    g = h // R
+    plus D x, gated by z. The chunks are independent, so all run at once (the split forward:
+    one short walk, then this). The same sums as the walk's y, which also rounds the state to
+    the inputs' dtype for its product. With HEADS_FIRST a chunk's heads run side by side and
+    share its C (and C B^T) in the L2."""
+    b, c, h, g, _ = _chunk_head(nchunks, R, HEADS_FIRST, I64)
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
     mask_p = offs_p < P
@@ -534,15 +540,7 @@ def _ssd_dx_bwd_kernel(
     With SUMS the entering states are not read: the two terms that need them (the state
     part of d(cumsum) per position, and <dS, Hprev>) come summed over N by `_ssd_dbc_bwd_kernel`
     as NB partials each (its N blocks), so only the state gradients are contracted here."""
-    if HEADS_FIRST:
-        h = tl.program_id(0)
-        pid_bc = tl.program_id(1)
-    else:
-        pid_bc = tl.program_id(0)
-        h = tl.program_id(1)
-    b = _index(pid_bc // nchunks, I64)
-    c = pid_bc % nchunks
-    g = h // R
+    b, c, h, g, pid_bc = _chunk_head(nchunks, R, HEADS_FIRST, I64)
     offs_q = tl.arange(0, Q)
     offs_p = tl.arange(0, BP)
     mask_p = offs_p < P
