@@ -100,7 +100,7 @@ def dx(Q=64, BP=64, BNK=128, warps=4, stages=1, cb=False, sums=True) -> tuple:
 
 
 def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2, sums=True) -> tuple:
-    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, BLOCKS_FIRST=False, WRITE_SUMS=sums)
+    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, ORDER=0, WRITE_SUMS=sums)
     return k._ssd_dbc_bwd_kernel, consts, warps, stages
 
 

@@ -101,16 +101,15 @@ class LaunchTuner:
 
     def choose(self, key: Hashable, configs: Sequence[dict], run: Callable[[dict], object],
                device: torch.device) -> dict:  # fmt: skip
-        """The fastest of `configs` for `key`, timing `run(config)` on first use."""
+        """The fastest of `configs` for `key`, timing `run(config)` on first use. A candidate
+        other than the first that runs out of GPU memory or does not fit this GPU (shared
+        memory, registers) is skipped and logged; the first must run."""
         if key in self._best:
             return self._best[key]
         untimed = len(configs) == 1 or device.type != "cuda" or not tuning_enabled()
         if untimed or torch.cuda.is_current_stream_capturing():
             return configs[0]
-        from triton.testing import do_bench
-
-        times = [do_bench(lambda c=c: run(c), warmup=2, rep=10, return_mode="median")
-                 for c in configs]  # fmt: skip
+        times = [self._time(run, c, required=i == 0) for i, c in enumerate(configs)]
         best = min(range(len(configs)), key=times.__getitem__)
         self._best[key] = configs[best]
         log.info("%s %s: chose %s (%.3f ms; the first candidate %.3f ms)", self.name, key,
@@ -122,6 +121,19 @@ class LaunchTuner:
             "; ".join(f"{c or 'default'} {t:.3f} ms" for c, t in zip(configs, times)),
         )
         return configs[best]
+
+    def _time(self, run: Callable[[dict], object], config: dict, required: bool) -> float:
+        from triton.runtime.errors import OutOfResources
+        from triton.testing import do_bench
+
+        try:
+            return do_bench(lambda: run(config), warmup=2, rep=10, return_mode="median")
+        except (torch.OutOfMemoryError, OutOfResources) as err:
+            if required:
+                raise
+            torch.cuda.empty_cache()
+            log.info("%s: skipped %s (%s)", self.name, config, type(err).__name__)
+            return float("inf")
 
 
 # -- ops: declared through torch.library, differentiated by autograd.Function ----------------

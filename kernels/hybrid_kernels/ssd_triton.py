@@ -98,6 +98,7 @@ def _chunk_head(nchunks, R, HEADS_FIRST: tl.constexpr, I64: tl.constexpr):
     else:
         pid_bc = tl.program_id(0)
         h = tl.program_id(1)
+    h = _index(h, I64)  # (h times a head stride passes 2^31 in head-major views)
     return _index(pid_bc // nchunks, I64), pid_bc % nchunks, h, h // R, pid_bc
 
 
@@ -202,7 +203,7 @@ def _ssd_scan_fwd_kernel(
     c_start = seg * seg_chunks
     c_end = tl.minimum(c_start + seg_chunks, nchunks)
     b = _index(pid_bh // H, I64)
-    h = pid_bh % H
+    h = _index(pid_bh % H, I64)
     g = h // R
     offs_q = tl.arange(0, Q)
     offs_p = pid_p * BP + tl.arange(0, BP)
@@ -323,6 +324,7 @@ def _chunk_cb_kernel(
     g = tl.program_id(1)
     b = _index(pid_bc // nchunks, I64)
     c = pid_bc % nchunks
+    g = _index(g, I64)
     offs_q = tl.arange(0, Q)
     pos = _pos(c, Q, I64)
     valid = pos < L
@@ -423,7 +425,7 @@ def _ssd_dstate_bwd_kernel(
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = _index(pid_bh // H, I64)
-    h = pid_bh % H
+    h = _index(pid_bh % H, I64)
     g = h // R
     offs_q = tl.arange(0, Q)
     offs_p = pid_p * BP + tl.arange(0, BP)
@@ -638,27 +640,29 @@ def _ssd_dbc_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     HAS_SEQ: tl.constexpr, WRITE_SUMS: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BNB: tl.constexpr, PREC: tl.constexpr,
-    BLOCKS_FIRST: tl.constexpr, I64: tl.constexpr,
+    ORDER: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
-    """Program (split, b * C + c, g * n_blocks + n_block), or (g * n_blocks + n_block, split,
-    b * C + c) with BLOCKS_FIRST (the N blocks that read the same x and dy run side by side):
+    """Program (split, b * C + c, g * n_blocks + n_block) with ORDER 0, (g * n_blocks +
+    n_block, split, b * C + c) with ORDER 1 (the N blocks that read the same x and dy run side
+    by side), (b * C + c, split, g * n_blocks + n_block) with ORDER 2 (for more than 65535
+    chunks in all, which only a grid's first axis holds):
     dB and dC of chunk c on one block of N, summed over the heads of one split of group g,
     into partials (splits, B, L, G, N) fp32. With WRITE_SUMS, per head and this N block
     also the dx kernel's terms of the entering state (which it then does not read):
     scale * sum_n C (dy Hprev)[:, n] per position into csum (n_blocks, B, L, H), and
     <dS, Hprev> into hsum (n_blocks, B, C, H)."""
-    if BLOCKS_FIRST:
-        pid_gn = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        pid_bc = tl.program_id(2)
+    if ORDER == 0:
+        pid_s, pid_bc, pid_gn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        batch = tl.num_programs(1) // nchunks
+    elif ORDER == 1:
+        pid_gn, pid_s, pid_bc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        batch = tl.num_programs(2) // nchunks
     else:
-        pid_s = tl.program_id(0)
-        pid_bc = tl.program_id(1)
-        pid_gn = tl.program_id(2)
+        pid_bc, pid_s, pid_gn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        batch = tl.num_programs(0) // nchunks
     n_blocks = tl.cdiv(N, BNB)
-    g = pid_gn // n_blocks
+    g = _index(pid_gn // n_blocks, I64)
     nb = pid_gn % n_blocks
-    batch = tl.num_programs(2 if BLOCKS_FIRST else 1) // nchunks
     b = _index(pid_bc // nchunks, I64)
     c = pid_bc % nchunks
     offs_q = tl.arange(0, Q)
@@ -1089,24 +1093,26 @@ def _chunk_bwd(x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates
     dC = torch.empty(splits, batch, L, G, N, **f32)
     csum = torch.empty(n_blocks, batch, L, H, **f32) if state_sums else None
     hsum = torch.empty(n_blocks, batch, nchunks, H, **f32) if state_sums else None
-    i64 = _needs_i64(x, dy, z, ypre, dt, B, C, seq_idx, states, dstates, dB, dC, csum, dz, ddt)
+    CB = _chunk_cb(B, C, Q) if dx_cb and run_dx else None
+    i64 = _needs_i64(x, dy, z, ypre, dt, B, C, seq_idx, states, dstates, dB, dC, csum, hsum, CB,
+                     dx, dz, ddt, dA, dD)  # fmt: skip
     with _device_ctx(x):
         if run_dbc:
-            grid = (splits, batch * nchunks, G * n_blocks)
-            if blocks_first:
-                grid = (G * n_blocks, splits, batch * nchunks)
+            order = 2 if batch * nchunks > _GRID_YZ else int(blocks_first)
+            grid = [(splits, batch * nchunks, G * n_blocks),
+                    (G * n_blocks, splits, batch * nchunks),
+                    (batch * nchunks, splits, G * n_blocks)][order]  # fmt: skip
             _ssd_dbc_bwd_kernel[grid](
                 x, dy, z, dt, A, B, C, dt_bias, seq_idx, states, dstates, dB, dC, csum, hsum,
                 L, H, P, N, R, G, nchunks, hps, dt_min, dt_max, *strides,
                 HAS_Z=flags["HAS_Z"], HAS_DTB=flags["HAS_DTB"], SOFTPLUS=flags["SOFTPLUS"],
                 CLAMP=flags["CLAMP"], HAS_SEQ=flags["HAS_SEQ"], WRITE_SUMS=state_sums,
-                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype), BLOCKS_FIRST=blocks_first, I64=i64,
+                Q=Q, BP=BP, BNB=BNB, PREC=_prec(x.dtype), ORDER=order, I64=i64,
                 num_warps=dbc_warps, num_stages=dbc_stages,
             )  # fmt: skip
         if run_dx:
             heads_first = heads_first and batch * nchunks <= _GRID_YZ
             grid = (H, batch * nchunks) if heads_first else (batch * nchunks, H)
-            CB = _chunk_cb(B, C, Q) if dx_cb else None
             _ssd_dx_bwd_kernel[grid](
                 x, dy, z, ypre, dt, A, B, C, D, dt_bias, seq_idx, states, dstates, CB, csum,
                 hsum, dx, dz, ddt, dA, dD, L, H, P, N, R, G, nchunks, n_blocks, dt_min, dt_max,

@@ -28,8 +28,9 @@ SSD_LAUNCHES = [
     "fwd:ns=2", "fwd:BN=128,stages=2", "fwd:store=True,y=False,cb=False,stages=2,ns=2",
     "dstate:", "dx:", "dx:sums=False,BNK=64", "dbc:", "dbc:sums=False", "y:", "y:cb=False",
     "y:Q=128,warps=8,BNK=64",
-    "fwd:ns=2,i64=True", "dstate:i64=True", "dx:i64=True", "dbc:i64=True",
+    "fwd:ns=2,i64=True", "dstate:i64=True", "dx:i64=True", "dbc:i64=True", "y:i64=True",
 ]  # fmt: skip
+H100_SMEM = 232448  # bytes of shared memory one program may use on an H100 (227 KB)
 
 NORM_CHECK = """
 import re, triton, triton.language as tl
@@ -63,11 +64,13 @@ def _run(args: list[str]) -> str:
 
 
 def test_ssd_kernels_compile_and_assemble_for_sm90() -> None:
+    """Each launch compiles with this machine's Triton (CI's; the GPU image has its own) and
+    fits an H100's shared memory."""
     stdout = _run(["tools/ssd_registers.py", "--ptxas", str(PTXAS), *SSD_LAUNCHES])
     rows = [line.split() for line in stdout.splitlines()[1:]]
     assert [r[0] for r in rows] == SSD_LAUNCHES
-    for spec, regs, _spills, _smem in rows:
-        assert 0 < int(regs) <= 255, spec
+    for spec, _regs, _spills, smem in rows:  # (ptxas caps registers at 255 by spilling)
+        assert int(smem) <= H100_SMEM, spec
 
 
 def test_rmsnorm_kernels_take_eps_as_fp64_on_the_gpu() -> None:

@@ -268,6 +268,28 @@ def test_ssd_64bit_offsets_give_the_same_results(
         assert torch.equal(got[name], want[name]), name
 
 
+def test_ssd_64bit_offsets_in_every_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variants the tuners may choose run the same in 64-bit offsets, bit for bit: the split
+    forward over two segments, and dx / dB/dC without the state sums, with C B^T read, with the
+    other grid order."""
+    args = _bwd_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
+    fwd_args = (args[0], args[4], args[5], args[6], args[7], args[8], args[2], args[9], None,
+                args[10], *args[13:])  # fmt: skip
+    fwd_kw = dict(write_y=True, write_ypre=True, store_states=True, split_y={}, segments=2)
+    bwd_kws = [dict(state_sums=False), dict(dx_cb=True), dict(blocks_first=True)]
+
+    def outputs() -> list:
+        return [triton_mod._scan_fwd(*fwd_args, **fwd_kw)] + [
+            triton_mod._chunk_bwd(*args, **kw) for kw in bwd_kws
+        ]
+
+    want = outputs()
+    monkeypatch.setattr(triton_mod, "FORCE_I64", True)
+    for got_set, want_set in zip(outputs(), want):
+        for a, b in zip(got_set, want_set):
+            assert torch.equal(a, b)
+
+
 def test_needs_i64_measures_the_strided_span() -> None:
     """64-bit offsets are chosen when a tensor (or the strided view the kernel reads, e.g. x
     inside in_proj's output) spans 2^31 elements or more, and only then."""
@@ -294,17 +316,18 @@ def test_ssd_past_2_31_elements_matches_two_halves_gpu() -> None:
     B, C, dy = rand(1, L, 1, N), rand(1, L, 1, N), rand(1, L, H, P)
     A = -torch.rand(H, generator=gen, device="cuda") - 0.1
     kw = dict(dt_softplus=True, return_final_states=True)
-    xg = x.clone().requires_grad_(True)
-    y, final = ssd_triton(xg, dt, A, B, C, **kw)
+    full = [t.clone().requires_grad_(True) for t in (x, dt, B, C)]
+    y, final = ssd_triton(full[0], full[1], A, full[2], full[3], **kw)
     y.backward(dy)
     h = L // 2
     y1, mid = ssd_triton(x[:, :h], dt[:, :h], A, B[:, :h], C[:, :h], **kw)
-    x2 = x[:, h:].clone().requires_grad_(True)
-    y2, final2 = ssd_triton(x2, dt[:, h:], A, B[:, h:], C[:, h:], initial_states=mid, **kw)
+    half = [t[:, h:].clone().requires_grad_(True) for t in (x, dt, B, C)]
+    y2, final2 = ssd_triton(half[0], half[1], A, half[2], half[3], initial_states=mid, **kw)
     y2.backward(dy[:, h:])
     assert rel_err(y[:, :h], y1) < 1e-2 and rel_err(y[:, h:], y2) < 1e-2
     assert rel_err(final, final2) < 1e-2
-    assert rel_err(xg.grad[:, h:], x2.grad) < 1e-2
+    for name, a, b in zip(("dx", "ddt", "dB", "dC"), full, half):  # second half's gradients
+        assert rel_err(a.grad[:, h:], b.grad) < 1e-2, name
 
 
 SPLIT_CASES = {
@@ -382,6 +405,22 @@ def test_ssd_triton_cb_paths_gpu(min_n: int, monkeypatch: pytest.MonkeyPatch) ->
     check_against_references(GPU_CASES["bf16_B2_L4096_H32_G4_N128"], "cuda")
 
 
+def test_ssd_grids_past_65535_chunks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more chunks than a grid's second and third axes hold (65535; here made 1), the
+    dB/dC, dx and split-forward y kernels put the chunks on the first axis: same results."""
+    args = _bwd_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
+    ref = triton_mod._chunk_bwd(*args)
+    fwd_args = (args[0], args[4], args[5], args[6], args[7], args[8], args[2], args[9], None,
+                args[10], *args[13:])  # fmt: skip
+    kw = dict(write_y=True, write_ypre=True, store_states=False, split_y={})
+    y_ref = triton_mod._scan_fwd(*fwd_args, **kw)
+    monkeypatch.setattr(triton_mod, "_GRID_YZ", 1)
+    for a, b in zip(ref, triton_mod._chunk_bwd(*args)):
+        assert torch.equal(a, b)
+    for a, b in zip(y_ref[:3], triton_mod._scan_fwd(*fwd_args, **kw)[:3]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("heads_first, blocks_first", [(True, True), (False, False)])
 def test_ssd_backward_grid_orders_agree(heads_first: bool, blocks_first: bool) -> None:
     """The backward kernels' program orders (heads of a chunk side by side share its B and C
@@ -424,10 +463,12 @@ def test_ssd_backward_state_sums_match_dx_reading_states(
 
 
 def test_ssd_backward_candidates_agree() -> None:
-    """Every variant the backward's tuners may choose gives the default's gradients (fp32: the
-    same sums in other orders): dx with or without the state sums and C B^T read or not; at
-    N >= 128 also the walks' (P, N) tiles whole or in halves; short sequences take the default
-    untimed."""
+    """Every dx / dB/dC variant the backward's tuner may choose gives the default's gradients
+    (fp32: the same sums in other orders), with or without the state sums and C B^T read or
+    not; the candidate lists (at N >= 128 the walks' (P, N) tiles whole or in halves, which
+    test_ssd_split_state_walk_matches_whole_state and
+    test_ssd_state_gradient_walk_halves_match_whole compare); short
+    sequences take the defaults untimed."""
     configs = triton_mod._bwd_configs(32, triton_mod.TUNE_MIN_CHUNKS)
     assert configs["dx"][0] == {} and len(configs["dx"]) == 4
     assert configs["states"] == configs["dstates"] == [{}]
@@ -552,6 +593,27 @@ def test_launch_tuner_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None
     best = LaunchTuner("test").choose("k", [{"a": 1}, {"a": 2}], calls.append,
                                       torch.device("cuda"))  # fmt: skip
     assert best == {"a": 1} and calls == []
+
+
+@pytest.mark.gpu
+def test_launch_tuner_skips_candidates_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that runs out of memory or of shared memory is skipped (the default is
+    kept); the default itself failing is an error, not a silent choice."""
+    from hybrid_kernels._triton_utils import LaunchTuner
+    from triton.runtime.errors import OutOfResources
+
+    def run(cfg: dict) -> None:
+        if cfg["fail"] == "smem":
+            raise OutOfResources(300000, 232448, "shared memory")
+        if cfg["fail"] == "oom":
+            raise torch.OutOfMemoryError("test")
+        torch.cuda._sleep(1000)
+
+    monkeypatch.setenv("HYBRID_KERNELS_TUNE", "1")
+    configs = [{"fail": None}, {"fail": "smem"}, {"fail": "oom"}]
+    assert LaunchTuner("t").choose("k", configs, run, torch.device("cuda")) == {"fail": None}
+    with pytest.raises(torch.OutOfMemoryError):
+        LaunchTuner("t").choose("k", configs[::-1], run, torch.device("cuda"))
 
 
 @pytest.mark.gpu
