@@ -39,6 +39,7 @@ FP32_PTRS = {
 DIV16 = {"L", "H", "P", "N", "nchunks"}
 FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32",
              I64=False)  # fmt: skip
+WALK = dict(BH_AXIS=1)  # the walks' grid order
 
 
 def _arg_type(name: str, consts: dict) -> str:
@@ -89,7 +90,7 @@ def resources(fn, consts: dict, warps: int, stages: int, ptxas: str) -> tuple[in
 def fwd(BP=64, BN=256, Q=64, warps=4, stages=1, cb=True, store=False, y=True, ns=1) -> tuple:
     consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_INIT=False, WRITE_Y=y, WRITE_YPRE=False,
                   STORE_STATES=store, WRITE_FINAL=True, WRITE_DECAY=False, HAS_CB=cb,
-                  CHAIN=False, NS=ns, Q=Q, BP=BP, BN=BN)  # fmt: skip
+                  CHAIN=False, NS=ns, Q=Q, BP=BP, BN=BN, **WALK)  # fmt: skip
     return k._ssd_scan_fwd_kernel, consts, warps, stages
 
 
@@ -105,7 +106,7 @@ def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2, sums=True) -> tuple:
 
 
 def dstate(Q=64, BP=64, BN=256, warps=4, stages=2, ns=1) -> tuple:
-    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, NS=ns, Q=Q, BP=BP, BN=BN)
+    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, NS=ns, Q=Q, BP=BP, BN=BN, **WALK)
     return k._ssd_dstate_bwd_kernel, consts, warps, stages
 
 

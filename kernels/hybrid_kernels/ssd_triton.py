@@ -187,6 +187,7 @@ def _ssd_scan_fwd_kernel(
     WRITE_FINAL: tl.constexpr, WRITE_DECAY: tl.constexpr, HAS_CB: tl.constexpr,
     CHAIN: tl.constexpr, NS: tl.constexpr,
     Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
+    BH_AXIS: tl.constexpr,
 ):  # fmt: skip
     """Program (P block, b * H + h, segment): walk the segment's chunks, carrying the state in
     registers. Segments of `seg_chunks` chunks let several programs walk one sequence (`n_seg`
@@ -197,8 +198,8 @@ def _ssd_scan_fwd_kernel(
     `decay_ptr`), and its last segment writes the final state (B, H, P, N).
     With NS = 2 the state is held as two (BP, BN / 2) halves, s0 and s1, and B and C are read
     and consumed half by half: fewer registers are live at once (N = 256 spilled otherwise)."""
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_p = tl.program_id(1 - BH_AXIS)  # BH_AXIS 0: more than 65535 sequences x heads
+    pid_bh = tl.program_id(BH_AXIS)
     seg = tl.program_id(2)
     c_start = seg * seg_chunks
     c_end = tl.minimum(c_start + seg_chunks, nchunks)
@@ -418,12 +419,12 @@ def _ssd_dstate_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr,
     NS: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, BH_AXIS: tl.constexpr,
 ):  # fmt: skip
     """dstates[c] = d loss / d (state at the end of chunk c), walking the chunks backwards.
     With NS = 2 the gradient is held and updated as two N halves (as the forward walk)."""
-    pid_p = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_p = tl.program_id(1 - BH_AXIS)  # BH_AXIS 0: more than 65535 sequences x heads
+    pid_bh = tl.program_id(BH_AXIS)
     b = _index(pid_bh // H, I64)
     h = _index(pid_bh % H, I64)
     g = h // R
@@ -749,6 +750,12 @@ def _needs_i64(*tensors: Tensor | None) -> bool:
     return FORCE_I64 or max(_span(t) for t in tensors) > 2**31 - 1
 
 
+def _bh_axis(sequences_x_heads: int) -> int:
+    """Grid axis of the walks' (sequence, head) programs: 1 (P blocks of one head side by side
+    on axis 0), or 0 when there are more than a grid's second axis holds (65535)."""
+    return 1 if sequences_x_heads <= _GRID_YZ else 0
+
+
 def _device_ctx(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else _Null()
 
@@ -896,7 +903,8 @@ def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt
     pass of a two-level walk when `decay` is given without `ends`, the second with `ends`."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
-    grid = (triton.cdiv(P, BP), batch * H, programs or S)
+    bh_axis = _bh_axis(batch * H)
+    grid = (triton.cdiv(P, BP), batch * H)[:: 1 if bh_axis else -1] + (programs or S,)
     first_pass = decay is not None and ends is None
     with _device_ctx(x):
         _ssd_scan_fwd_kernel[grid](
@@ -910,6 +918,7 @@ def _launch_scan(x, dt, A, B, C, D, z, dt_bias, seq_idx, dt_softplus, dt_min, dt
             WRITE_DECAY=first_pass, HAS_CB=cb is not None, CHAIN=ends is not None, NS=NS,
             Q=chunk, BP=BP, BN=BN, PREC=_prec(x.dtype),
             I64=_needs_i64(x, dt, B, C, z, init, seq_idx, cb, y, ypre, final, states, ends),
+            BH_AXIS=bh_axis,
             **_flags(D, z, dt_bias, dt_softplus, dt_min, dt_max, seq_idx),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
@@ -1030,7 +1039,8 @@ def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_
     BP = block_p or _fwd_p_block(batch, H, BPfull, dy.device)
     dstates = torch.empty(batch, nchunks, H, P, N, device=dy.device, dtype=C.dtype)
     dinit = torch.empty(batch, H, P, N, device=dy.device, dtype=torch.float32)
-    grid = (triton.cdiv(P, BP), batch * H)
+    bh_axis = _bh_axis(batch * H)
+    grid = (triton.cdiv(P, BP), batch * H)[:: 1 if bh_axis else -1]
     with _device_ctx(dy):
         _ssd_dstate_bwd_kernel[grid](
             dy, z, dt, A, C, dt_bias, seq_idx, dfinal, dstates, dinit,
@@ -1041,7 +1051,7 @@ def _dstates(dy, dfinal, z, dt, A, C, dt_bias, seq_idx, dt_softplus, dt_min, dt_
             CLAMP=(dt_min, dt_max) != DEFAULT_DT_LIMIT, HAS_SEQ=seq_idx is not None,
             HAS_DFINAL=dfinal is not None, WRITE_DINIT=True, NS=2 if split_n and BN >= 32 else 1,
             Q=Q, BP=BP, BN=BN, PREC=_prec(C.dtype),
-            I64=_needs_i64(dy, z, dt, C, seq_idx, dfinal, dstates, dinit),
+            I64=_needs_i64(dy, z, dt, C, seq_idx, dfinal, dstates, dinit), BH_AXIS=bh_axis,
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     return dstates, dinit

@@ -406,10 +406,14 @@ def test_ssd_triton_cb_paths_gpu(min_n: int, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_ssd_grids_past_65535_chunks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With more chunks than a grid's second and third axes hold (65535; here made 1), the
-    dB/dC, dx and split-forward y kernels put the chunks on the first axis: same results."""
+    """With more chunks (or sequences x heads) than a grid's second and third axes hold
+    (65535; here made 1), the dB/dC, dx and split-forward y kernels put the chunks, and the
+    walks the (sequence, head) programs, on the first axis: same results."""
     args = _bwd_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
     ref = triton_mod._chunk_bwd(*args)
+    dstates_args = (args[1], None, args[2], args[4], args[5], args[7], args[9], args[10],
+                    *args[13:], 4, 16)  # fmt: skip
+    ds_ref = triton_mod._dstates(*dstates_args)
     fwd_args = (args[0], args[4], args[5], args[6], args[7], args[8], args[2], args[9], None,
                 args[10], *args[13:])  # fmt: skip
     kw = dict(write_y=True, write_ypre=True, store_states=False, split_y={})
@@ -418,6 +422,8 @@ def test_ssd_grids_past_65535_chunks_agree(monkeypatch: pytest.MonkeyPatch) -> N
     for a, b in zip(ref, triton_mod._chunk_bwd(*args)):
         assert torch.equal(a, b)
     for a, b in zip(y_ref[:3], triton_mod._scan_fwd(*fwd_args, **kw)[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(ds_ref, triton_mod._dstates(*dstates_args)):
         assert torch.equal(a, b)
 
 
