@@ -4,13 +4,13 @@
     PYTHONPATH=/tmp/t36 python tools/ssd_registers.py fwd: fwd:warps=8 dx:BNK=128 dbc: dstate:
 
 Each argument is KERNEL:KEY=VALUE,... with KERNEL one of fwd (forward walk), dx, dbc (dB/dC),
-dstate (state gradients), y (the split forward's y from stored states) and keys among Q, BP,
+dstate (state gradients), y (the split forward's y from stored states), cb and keys among Q, BP,
 BN / BNK / BNB, warps, stages, cb, y, store, ns, sums (see the functions below for the
-defaults: the N = 256 launch), and i64 for every kernel
-(the 64-bit offsets used for tensors of 2^31 elements or more). The kernel is compiled to PTX
-by Triton for an sm_90 target and assembled by `ptxas -v`, which reports what the GPU would
-use; by default with the ptxas Triton bundles for sm_90 (pass --ptxas for another). Timings
-still need the GPU (tools/tune_ssd.py).
+defaults: the N = 256 launch), cb (the C B^T kernel), and for every kernel i64 (the 64-bit
+offsets used for tensors of 2^31 elements or more), seq (packed documents, seq_idx) and z (the
+gate). The kernel is compiled to PTX by Triton for an sm_90 target and assembled by
+`ptxas -v`, which reports what the GPU would use; by default with the ptxas Triton bundles for
+sm_90 (pass --ptxas for another). Timings still need the GPU (tools/tune_ssd.py).
 """
 
 from __future__ import annotations
@@ -116,7 +116,12 @@ def y(Q=64, BP=64, BNK=128, warps=4, stages=2, cb=True) -> tuple:
     return k._ssd_chunk_y_kernel, consts, warps, stages
 
 
-KERNELS = {"fwd": fwd, "dx": dx, "dbc": dbc, "dstate": dstate, "y": y}
+def cb(Q=64, BNK=64, warps=4, stages=2) -> tuple:
+    consts = dict(Q=Q, BNK=BNK, PREC="tf32", I64=False)
+    return k._chunk_cb_kernel, consts, warps, stages
+
+
+KERNELS = {"fwd": fwd, "dx": dx, "dbc": dbc, "dstate": dstate, "y": y, "cb": cb}
 
 
 def _default_ptxas() -> str:
@@ -152,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'launch':40} {'regs':>5} {'spill B':>8} {'smem B':>8}")
     for spec in args.specs:
         name, kwargs = _parse(spec)
-        i64 = kwargs.pop("i64", False)  # 64-bit offsets (tensors of 2^31 elements or more)
+        flags = dict(I64=kwargs.pop("i64", False))  # 64-bit offsets (2^31-element tensors)
+        flags.update(HAS_SEQ=kwargs.pop("seq", False), HAS_Z=kwargs.pop("z", False))
         fn, consts, warps, stages = KERNELS[name](**kwargs)
-        regs, spills, smem = resources(fn, dict(consts, I64=i64), warps, stages, args.ptxas)
+        consts = dict(consts, **{k: v for k, v in flags.items() if k in fn.arg_names})
+        regs, spills, smem = resources(fn, consts, warps, stages, args.ptxas)
         print(f"{spec:40} {regs:5d} {spills:8d} {smem:8d}", flush=True)
     return 0
 
