@@ -99,13 +99,16 @@ class LaunchTuner:
         self.name = name
         self._best: dict[Hashable, dict] = {}
 
-    def choose(self, key: Hashable, configs: Sequence[dict], run: Callable[[dict], object],
-               device: torch.device) -> dict:  # fmt: skip
-        """The fastest of `configs` for `key`, timing `run(config)` on first use. A candidate
-        other than the first that runs out of GPU memory or does not fit this GPU (shared
-        memory, registers) is skipped and logged; the first must run."""
+    def choose(self, key: Hashable, configs: Sequence[dict] | Callable[[], Sequence[dict]],
+               run: Callable[[dict], object], device: torch.device) -> dict:  # fmt: skip
+        """The fastest of `configs` (or of what a callable returns: built only on a key's first
+        use) for `key`, timing `run(config)` on first use. A candidate other than the first
+        that runs out of GPU memory or does not fit this GPU (shared memory, registers) is
+        skipped and logged; the first must run."""
         if key in self._best:
             return self._best[key]
+        if callable(configs):
+            configs = configs()
         untimed = len(configs) == 1 or device.type != "cuda" or not tuning_enabled()
         if untimed or torch.cuda.is_current_stream_capturing():
             return configs[0]

@@ -736,10 +736,10 @@ def _prec(dtype: torch.dtype) -> str:
 FORCE_I64 = False  # tests: run the 64-bit offset code at any size
 
 
-def _span(t: Tensor | None) -> int:
+def _span(t: Tensor) -> int:
     """Elements from a tensor's first to its last, strides included (a view spans its base)."""
-    if t is None or t.numel() == 0:
-        return 0
+    if t.is_contiguous() or t.numel() == 0:
+        return t.numel()
     return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
 
 
@@ -747,7 +747,7 @@ def _needs_i64(*tensors: Tensor | None) -> bool:
     """Whether a kernel's offsets into these tensors may pass 2^31 - 1 elements (long
     sequences, wide in_proj views, per-chunk states at large N): then it computes them in 64
     bits (I64). Only then: 64-bit offsets cost registers the walks do not have to spare."""
-    return FORCE_I64 or max(_span(t) for t in tensors) > 2**31 - 1
+    return FORCE_I64 or any(t is not None and _span(t) > 2**31 - 1 for t in tensors)
 
 
 def _bh_axis(sequences_x_heads: int) -> int:
@@ -1020,7 +1020,7 @@ def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min
     kw = dict(write_y=True, write_ypre=write_ypre, store_states=False)
     key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
            z is not None, seq_idx is not None, init is not None, write_ypre)  # fmt: skip
-    configs = _walk_configs(batch, H, nchunks, P, N, 2 * _sm_count(x.device))
+    configs = functools.partial(_walk_configs, batch, H, nchunks, P, N, 2 * _sm_count(x.device))
     best = _WALK_TUNER.choose(key, configs, lambda c: _scan_fwd(*args, **kw, **c), x.device)
     return _scan_fwd(*args, **kw, **best)
 
@@ -1203,10 +1203,10 @@ def _ssd_bwd_impl(
     dy = dy.contiguous()
     key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(triton.cdiv(L, KERNEL_CHUNK)),
            x.dtype, z is not None, seq_idx is not None, initial_states is not None)  # fmt: skip
-    configs = _bwd_configs(N, triton.cdiv(L, KERNEL_CHUNK))
 
     def tuned(name: str, run) -> dict:
-        return _BWD_TUNERS[name].choose(key, configs[name], run, x.device)
+        configs = lambda: _bwd_configs(N, triton.cdiv(L, KERNEL_CHUNK))[name]  # noqa: E731
+        return _BWD_TUNERS[name].choose(key, configs, run, x.device)
 
     proc = (dt_softplus, dt_min, dt_max)
     walk = dict(write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,

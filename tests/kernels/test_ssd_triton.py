@@ -640,5 +640,12 @@ def test_launch_tuner_picks_the_fastest_and_remembers(monkeypatch: pytest.Monkey
     configs = [{"ms": 3.0}, {"ms": 0.0}, {"ms": 1.5}]
     assert tuner.choose("k", configs, run, torch.device("cuda")) == {"ms": 0.0}
     n = len(calls)
-    assert tuner.choose("k", configs, run, torch.device("cuda")) == {"ms": 0.0}
-    assert len(calls) == n  # remembered, not timed again
+    built = []
+
+    def lazy() -> list[dict]:  # configs may come from a callable, built on first use only
+        built.append(1)
+        return configs
+
+    assert tuner.choose("k", lazy, run, torch.device("cuda")) == {"ms": 0.0}
+    assert len(calls) == n and not built  # remembered, not timed again
+    assert tuner.choose("k2", lazy, run, torch.device("cuda")) == {"ms": 0.0} and built
