@@ -8,7 +8,8 @@ dstate (state gradients), y (the split forward's y from stored states), cb and k
 BN / BNK / BNB, warps, stages, cb, y, store, ns, sums (see the functions below for the
 defaults: the N = 256 launch), cb (the C B^T kernel), and for every kernel i64 (the 64-bit
 offsets used for tensors of 2^31 elements or more), seq (packed documents, seq_idx) and z (the
-gate). The kernel is compiled to PTX by Triton for an sm_90 target and assembled by
+gate), order (dB/dC's grid order, 0-2) and bh (the walks' grid axis of sequences x heads,
+1 or 0). The kernel is compiled to PTX by Triton for an sm_90 target and assembled by
 `ptxas -v`, which reports what the GPU would use; by default with the ptxas Triton bundles for
 sm_90 (pass --ptxas for another). Timings still need the GPU (tools/tune_ssd.py).
 """
@@ -39,7 +40,6 @@ FP32_PTRS = {
 DIV16 = {"L", "H", "P", "N", "nchunks"}
 FLAGS = dict(HAS_Z=False, HAS_DTB=True, SOFTPLUS=True, CLAMP=False, HAS_SEQ=False, PREC="tf32",
              I64=False)  # fmt: skip
-WALK = dict(BH_AXIS=1)  # the walks' grid order
 
 
 def _arg_type(name: str, consts: dict) -> str:
@@ -90,7 +90,7 @@ def resources(fn, consts: dict, warps: int, stages: int, ptxas: str) -> tuple[in
 def fwd(BP=64, BN=256, Q=64, warps=4, stages=1, cb=True, store=False, y=True, ns=1) -> tuple:
     consts = dict(FLAGS, HAS_D=True, D_PER_P=False, HAS_INIT=False, WRITE_Y=y, WRITE_YPRE=False,
                   STORE_STATES=store, WRITE_FINAL=True, WRITE_DECAY=False, HAS_CB=cb,
-                  CHAIN=False, NS=ns, Q=Q, BP=BP, BN=BN, **WALK)  # fmt: skip
+                  CHAIN=False, NS=ns, Q=Q, BP=BP, BN=BN)  # fmt: skip
     return k._ssd_scan_fwd_kernel, consts, warps, stages
 
 
@@ -101,12 +101,12 @@ def dx(Q=64, BP=64, BNK=128, warps=4, stages=1, cb=False, sums=True) -> tuple:
 
 
 def dbc(Q=64, BP=64, BNB=128, warps=8, stages=2, sums=True) -> tuple:
-    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, ORDER=0, WRITE_SUMS=sums)
+    consts = dict(FLAGS, Q=Q, BP=BP, BNB=BNB, WRITE_SUMS=sums)
     return k._ssd_dbc_bwd_kernel, consts, warps, stages
 
 
 def dstate(Q=64, BP=64, BN=256, warps=4, stages=2, ns=1) -> tuple:
-    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, NS=ns, Q=Q, BP=BP, BN=BN, **WALK)
+    consts = dict(FLAGS, HAS_DFINAL=False, WRITE_DINIT=True, NS=ns, Q=Q, BP=BP, BN=BN)
     return k._ssd_dstate_bwd_kernel, consts, warps, stages
 
 
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         name, kwargs = _parse(spec)
         flags = dict(I64=kwargs.pop("i64", False))  # 64-bit offsets (2^31-element tensors)
         flags.update(HAS_SEQ=kwargs.pop("seq", False), HAS_Z=kwargs.pop("z", False))
+        # the grid orders used past 65535 programs on an axis: dB/dC's ORDER, the walks' BH_AXIS
+        flags.update(ORDER=kwargs.pop("order", 0), BH_AXIS=kwargs.pop("bh", 1))
         fn, consts, warps, stages = KERNELS[name](**kwargs)
         consts = dict(consts, **{k: v for k, v in flags.items() if k in fn.arg_names})
         regs, spills, smem = resources(fn, consts, warps, stages, args.ptxas)

@@ -109,10 +109,12 @@ class LaunchTuner:
             return self._best[key]
         if callable(configs):
             configs = configs()
-        untimed = len(configs) == 1 or device.type != "cuda" or not tuning_enabled()
-        if untimed or torch.cuda.is_current_stream_capturing():
+        if len(configs) == 1 or device.type != "cuda" or not tuning_enabled():
             return configs[0]
-        times = [self._time(run, c, required=i == 0) for i, c in enumerate(configs)]
+        with torch.cuda.device(device):  # time (and check for capture) where the kernels run
+            if torch.cuda.is_current_stream_capturing():
+                return configs[0]
+            times = [self._time(run, c, required=i == 0) for i, c in enumerate(configs)]
         best = min(range(len(configs)), key=times.__getitem__)
         self._best[key] = configs[best]
         log.info("%s %s: chose %s (%.3f ms; the first candidate %.3f ms)", self.name, key,
@@ -126,17 +128,18 @@ class LaunchTuner:
         return configs[best]
 
     def _time(self, run: Callable[[dict], object], config: dict, required: bool) -> float:
-        from triton.runtime.errors import OutOfResources
+        from triton.runtime import errors
         from triton.testing import do_bench
 
+        unfit = (torch.OutOfMemoryError, errors.OutOfResources, errors.PTXASError)
         try:
             return do_bench(lambda: run(config), warmup=2, rep=10, return_mode="median")
-        except (torch.OutOfMemoryError, OutOfResources) as err:
+        except unfit as err:
             if required:
                 raise
-            torch.cuda.empty_cache()
             log.info("%s: skipped %s (%s)", self.name, config, type(err).__name__)
-            return float("inf")
+        torch.cuda.empty_cache()  # (after the handler: its traceback held the tensors)
+        return float("inf")
 
 
 # -- ops: declared through torch.library, differentiated by autograd.Function ----------------

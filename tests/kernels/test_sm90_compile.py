@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not PTXAS.exists(), reason="Triton's bundled ptx
 # The launches the ops use at N = 256 and N = 128 (forward walk with its state in halves or
 # whole, the backward's state walks, dx and dB/dC with and without the state sums, the split
 # forward's y kernel, the C B^T kernel), the 64-bit offset variants taken for tensors of 2^31
-# elements or more, and packed documents with the z gate.
+# elements or more, packed documents with the z gate, and the grid orders taken past 65535
+# programs on an axis.
 SSD_LAUNCHES = [
     "fwd:ns=2", "fwd:BN=128,stages=2", "fwd:store=True,y=False,cb=False,stages=2,ns=2",
     "dstate:", "dx:", "dx:sums=False,BNK=64", "dbc:", "dbc:sums=False", "y:", "y:cb=False",
@@ -31,6 +32,7 @@ SSD_LAUNCHES = [
     "fwd:ns=2,i64=True", "dstate:i64=True", "dx:i64=True", "dbc:i64=True", "y:i64=True",
     "cb:", "cb:i64=True", "fwd:ns=2,seq=True,z=True", "dstate:seq=True,z=True",
     "dx:seq=True,z=True", "dbc:seq=True,z=True", "y:seq=True,z=True",
+    "dbc:order=1", "dbc:order=2,i64=True", "fwd:ns=2,bh=0", "dstate:bh=0",
 ]  # fmt: skip
 H100_SMEM = 232448  # bytes of shared memory one program may use on an H100 (227 KB)
 

@@ -408,23 +408,39 @@ def test_ssd_triton_cb_paths_gpu(min_n: int, monkeypatch: pytest.MonkeyPatch) ->
 def test_ssd_grids_past_65535_chunks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """With more chunks (or sequences x heads) than a grid's second and third axes hold
     (65535; here made 1), the dB/dC, dx and split-forward y kernels put the chunks, and the
-    walks the (sequence, head) programs, on the first axis: same results."""
-    args = _bwd_inputs(Case(L=150, H=4, G=2, z=True, docs=True))
-    ref = triton_mod._chunk_bwd(*args)
-    dstates_args = (args[1], None, args[2], args[4], args[5], args[7], args[9], args[10],
-                    *args[13:], 4, 16)  # fmt: skip
-    ds_ref = triton_mod._dstates(*dstates_args)
-    fwd_args = (args[0], args[4], args[5], args[6], args[7], args[8], args[2], args[9], None,
-                args[10], *args[13:])  # fmt: skip
-    kw = dict(write_y=True, write_ypre=True, store_states=False, split_y={})
-    y_ref = triton_mod._scan_fwd(*fwd_args, **kw)
+    walks the (sequence, head) programs, on the first axis: bit-equal results, with several P
+    blocks, a three-segment walk from initial states, N halves, dB/dC head splits and N blocks,
+    and 64-bit offsets."""
+    case = Case(L=5 * 64 - 7, H=3, P=32, N=32, z=True, docs=True, init=True)
+    t, extra, gy, gf = make_inputs(case)
+    d = {k: v.detach() for k, v in t.items()}
+    seq = extra["seq_idx"].to(torch.int32)
+    fwd_args = (d["x"], d["dt"], d["A"], d["B"], d["C"], d["D"], d["z"], d["dt_bias"],
+                d["initial_states"], seq, True, 0.01, 5.0)  # fmt: skip
+    fwd_kws = [
+        dict(write_y=True, write_ypre=True, store_states=True, segments=3, block_p=16),
+        dict(write_y=True, write_ypre=True, store_states=False, split_y={}, segments=2),
+    ]
+    ds_args = (gy, gf, d["z"], d["dt"], d["A"], d["C"], d["dt_bias"], seq, True, 0.01, 5.0,
+               case.H, case.P)  # fmt: skip
+    ds_kws = [dict(block_p=16), dict(block_p=16, split_n=True)]
+    bwd_args = _bwd_inputs(Case(L=150, H=4, G=2, N=32, z=True, docs=True))
+    bwd_kws = [{}, dict(dbc_block_n=16, dbc_min_programs=10**6)]  # 2 N blocks, 2 head splits
+
+    def outputs() -> list:
+        return (
+            [triton_mod._scan_fwd(*fwd_args, **kw) for kw in fwd_kws]
+            + [triton_mod._dstates(*ds_args, **kw) for kw in ds_kws]
+            + [triton_mod._chunk_bwd(*bwd_args, **kw) for kw in bwd_kws]
+        )
+
+    want = outputs()
     monkeypatch.setattr(triton_mod, "_GRID_YZ", 1)
-    for a, b in zip(ref, triton_mod._chunk_bwd(*args)):
-        assert torch.equal(a, b)
-    for a, b in zip(y_ref[:3], triton_mod._scan_fwd(*fwd_args, **kw)[:3]):
-        assert torch.equal(a, b)
-    for a, b in zip(ds_ref, triton_mod._dstates(*dstates_args)):
-        assert torch.equal(a, b)
+    for i64 in (False, True):
+        monkeypatch.setattr(triton_mod, "FORCE_I64", i64)
+        for got_set, want_set in zip(outputs(), want):
+            for a, b in zip(got_set, want_set):
+                assert (a is None and b is None) or torch.equal(a, b), i64
 
 
 @pytest.mark.parametrize("heads_first, blocks_first", [(True, True), (False, False)])
