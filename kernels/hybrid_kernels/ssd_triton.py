@@ -807,8 +807,8 @@ def _flags(D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None, dt_softpl
 def _use_cb(N: int, cb: bool | None) -> bool:
     """Whether the forward walk takes C B^T from `_chunk_cb` (once per chunk and group) instead
     of recomputing it in every head's program: pays off when N is large (H100, B2 L8192 H256
-    G8 N256: 3.18 ms against 4.4). The dx kernel measured faster recomputing it (6.0 ms
-    against 7.0 or more), so it always does."""
+    G8 N256: 3.18 ms against 4.4). The dx kernel measured faster recomputing it (session 3:
+    6.0 ms against 7.0 or more), so it does by default; its tuner also tries reading it."""
     return cb if cb is not None else N >= CB_MIN_N
 
 
