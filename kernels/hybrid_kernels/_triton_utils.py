@@ -114,6 +114,8 @@ class LaunchTuner:
         with torch.cuda.device(device):  # time (and check for capture) where the kernels run
             if torch.cuda.is_current_stream_capturing():
                 return configs[0]
+            log.info("%s %s: compiling and timing %d launches (once per shape and process)",
+                     self.name, key, len(configs))  # fmt: skip
             times = [self._time(run, c, required=i == 0) for i, c in enumerate(configs)]
         best = min(range(len(configs)), key=times.__getitem__)
         self._best[key] = configs[best]
