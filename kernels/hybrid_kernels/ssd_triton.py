@@ -13,6 +13,8 @@ Kernels, top-down:
   and writes only y (and the final state): no per-chunk states go to memory. With
   `STORE_STATES` it instead writes the state entering every chunk, which the backward uses.
 * `_chunk_cb_kernel` — C B^T of every chunk and group, read by the walk when N is large.
+* `_ssd_chunk_y_kernel` — the split forward's second half: every chunk's y at once from the
+  states a walk with `STORE_STATES` wrote (a tuner candidate next to the single walk).
 * `_ssd_dstate_bwd_kernel` — the same walk in reverse for the state gradient: it writes the
   gradient flowing into each chunk's end state and returns the initial-state gradient.
 * `_ssd_dbc_bwd_kernel` — one program per (split of a group's heads, chunk, block of N)
@@ -23,8 +25,8 @@ Kernels, top-down:
   reduced in a fixed order (`torch.sum`), so two backward passes give bitwise-equal gradients.
 
 Offsets are 32-bit unless a tensor spans 2^31 elements or more (long sequences, wide in_proj
-views, per-chunk states at large N): then the launchers set I64 and the kernels widen the batch
-index and positions, from which every offset is built (`_needs_i64`).
+views, per-chunk states at large N): then the launchers set I64 and the kernels widen the batch,
+head and group indices and the positions, from which every offset is built (`_needs_i64`).
 
 The kernels chunk the sequence in blocks of `KERNEL_CHUNK` positions, whatever `chunk_size` the
 caller gives: the SSD result does not depend on the chunk size.
@@ -145,6 +147,36 @@ def _st_off(b, c, h, offs_p, offs_n, nchunks, H, P, N):
 
 
 @triton.jit
+def _load_d(D_ptr, h, P, offs_p, mask_p, HAS_D: tl.constexpr, D_PER_P: tl.constexpr):
+    """D of head h as a (1, BP) row (D per (H, P)) or a scalar (D per H); 0 without D."""
+    Dv = 0.0
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + h).to(tl.float32)
+    return Dv
+
+
+@triton.jit
+def _store_y(y, xm, Dv, y_ptr, ypre_ptr, z_ptr, b, pos, h, offs_p, row_mask, L, H, P,
+             s_z_b, s_z_l, s_z_h, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+             WRITE_YPRE: tl.constexpr):  # fmt: skip
+    """Store a chunk's y (Q, BP) of head h: plus D x, kept before the gate with WRITE_YPRE,
+    then gated by z * sigmoid(z)."""
+    if HAS_D:
+        y += xm.to(tl.float32) * Dv
+    o_off = _o_off(b, pos, h, offs_p, L, H, P)
+    if HAS_Z:
+        if WRITE_YPRE:
+            tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
+        z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
+        zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
+        y = y * zv * tl.sigmoid(zv)
+    tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
 def _walk_start(init_ptr, ends_ptr, decay_ptr, glob_off, mask_pn, b, h, seg, n_seg, seg_size, H,
                 HAS_INIT: tl.constexpr, CHAIN: tl.constexpr, BP: tl.constexpr,
                 BN: tl.constexpr):  # fmt: skip
@@ -225,11 +257,7 @@ def _ssd_scan_fwd_kernel(
                          h, seg, n_seg, seg_size, H, HAS_INIT, CHAIN, BP, BN // 2)  # fmt: skip
     if HAS_SEQ:
         prev_doc = tl.load(seq_ptr + b * L + tl.maximum(c_start * Q - 1, 0))
-    if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + h).to(tl.float32)
+    Dv = _load_d(D_ptr, h, P, offs_p, mask_p, HAS_D, D_PER_P)
     causal = offs_q[:, None] >= offs_q[None, :]
     decay = 1.0
     for c in range(c_start, c_end):
@@ -279,16 +307,8 @@ def _ssd_scan_fwd_kernel(
                 scale = tl.where(seq == prev_doc, scale, 0.0)
             M = CB * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf"))) * dt[None, :]
             y = tl.dot(M.to(xm.dtype), xm, acc=off * scale[:, None], input_precision=PREC)
-            if HAS_D:
-                y += xm.to(tl.float32) * Dv
-            o_off = _o_off(b, pos, h, offs_p, L, H, P)
-            if HAS_Z:
-                if WRITE_YPRE:
-                    tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
-                z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
-                zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
-            tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+            _store_y(y, xm, Dv, y_ptr, ypre_ptr, z_ptr, b, pos, h, offs_p, row_mask, L, H, P,
+                     s_z_b, s_z_l, s_z_h, HAS_D, HAS_Z, WRITE_YPRE)  # fmt: skip
         xw = tl.trans((xm.to(tl.float32) * w[:, None]).to(xm.dtype))
         carry = tl.exp(cl)
         if HAS_SEQ:
@@ -395,20 +415,9 @@ def _ssd_chunk_y_kernel(
     xm = tl.load(x_ptr + x_off, mask=row_mask, other=0.0)
     M = CB * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf"))) * dt[None, :]
     y = tl.dot(M.to(xm.dtype), xm, acc=off * scale[:, None], input_precision=PREC)
-    if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + h).to(tl.float32)
-        y += xm.to(tl.float32) * Dv
-    o_off = _o_off(b, pos, h, offs_p, L, H, P)
-    if HAS_Z:
-        if WRITE_YPRE:
-            tl.store(ypre_ptr + o_off, y.to(ypre_ptr.dtype.element_ty), mask=row_mask)
-        z_off = b * s_z_b + pos[:, None] * s_z_l + h * s_z_h + offs_p[None, :]
-        zv = tl.load(z_ptr + z_off, mask=row_mask, other=0.0).to(tl.float32)
-        y = y * zv * tl.sigmoid(zv)
-    tl.store(y_ptr + o_off, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+    Dv = _load_d(D_ptr, h, P, offs_p, mask_p, HAS_D, D_PER_P)
+    _store_y(y, xm, Dv, y_ptr, ypre_ptr, z_ptr, b, pos, h, offs_p, row_mask, L, H, P,
+             s_z_b, s_z_l, s_z_h, HAS_D, HAS_Z, WRITE_YPRE)  # fmt: skip
 
 
 @triton.jit
@@ -612,11 +621,7 @@ def _ssd_dx_bwd_kernel(
     dx = dt[:, None] * gx
     ddt_x = tl.sum(xf * gx, axis=1)
     if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + h * P + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-            dx += dy * Dv[None, :]
-        else:
-            dx += dy * tl.load(D_ptr + h).to(tl.float32)
+        dx += dy * _load_d(D_ptr, h, P, offs_p, mask_p, HAS_D, D_PER_P)
         tl.store(dD_ptr + (pid_bc * H + h) * P + offs_p, tl.sum(dy * xf, axis=0), mask=mask_p)
     tl.store(dx_ptr + o_off, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
     W = tl.dot(dyc, tl.trans(xm), input_precision=PREC) * CBE * dt[None, :]
@@ -1201,11 +1206,12 @@ def _ssd_bwd_impl(
     G, N = B.shape[2:]
     large_n = N >= CB_MIN_N
     dy = dy.contiguous()
-    key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(triton.cdiv(L, KERNEL_CHUNK)),
-           x.dtype, z is not None, seq_idx is not None, initial_states is not None)  # fmt: skip
+    nchunks = triton.cdiv(L, KERNEL_CHUNK)
+    key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
+           z is not None, seq_idx is not None, initial_states is not None)  # fmt: skip
 
     def tuned(name: str, run) -> dict:
-        configs = lambda: _bwd_configs(N, triton.cdiv(L, KERNEL_CHUNK))[name]  # noqa: E731
+        configs = lambda: _bwd_configs(N, nchunks)[name]  # noqa: E731
         return _BWD_TUNERS[name].choose(key, configs, run, x.device)
 
     proc = (dt_softplus, dt_min, dt_max)
