@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hybrid_kernels._triton_utils import LaunchTuner, differentiable, library_op
+from hybrid_kernels._triton_utils import differentiable, library_op
+from hybrid_kernels._tuning import LaunchTuner
 from hybrid_kernels.ssd_ref import _check_shapes
 
 KERNEL_CHUNK = 64  # chunk of the backward kernels (and of the states they recompute)
@@ -969,7 +970,7 @@ def _segments(batch: int, H: int, nchunks: int, device: torch.device) -> int:
     return S
 
 
-_WALK_TUNER = LaunchTuner("ssd forward walk")
+_WALK_TUNER = LaunchTuner("ssd forward walk", source=__file__)
 # `_chunk_y` launches the tuner tries for the split forward (untimed: the N-block width, warps
 # and load pipelining of a kernel that contracts C with a (P, N) state read from memory)
 SPLIT_Y_LAUNCHES = (
@@ -1023,7 +1024,7 @@ def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min
     nchunks = triton.cdiv(L, FWD_CHUNK)
     args = (x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max)
     kw = dict(write_y=True, write_ypre=write_ypre, store_states=False)
-    key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
+    key = (batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
            z is not None, seq_idx is not None, init is not None, write_ypre)  # fmt: skip
     configs = functools.partial(_walk_configs, batch, H, nchunks, P, N, 2 * _sm_count(x.device))
     best = _WALK_TUNER.choose(key, configs, lambda c: _scan_fwd(*args, **kw, **c), x.device)
@@ -1178,7 +1179,10 @@ _STATES_LAUNCH = {False: dict(num_warps=8, num_stages=3), True: dict(num_warps=4
 # state recompute walk and the state-gradient walk hold their (P, N) tile whole or as N halves;
 # dx takes the entering state's terms from dB/dC (`state_sums`) or reads the states itself, and
 # C B^T from `_chunk_cb` or contracted per head. The first candidate is the default.
-_BWD_TUNERS = {name: LaunchTuner(f"ssd backward {name}") for name in ("states", "dstates", "dx")}
+_BWD_TUNERS = {
+    name: LaunchTuner(f"ssd backward {name}", source=__file__)
+    for name in ("states", "dstates", "dx")
+}
 
 
 def _bwd_configs(N: int, nchunks: int) -> dict[str, list[dict]]:
@@ -1207,7 +1211,7 @@ def _ssd_bwd_impl(
     large_n = N >= CB_MIN_N
     dy = dy.contiguous()
     nchunks = triton.cdiv(L, KERNEL_CHUNK)
-    key = (str(x.device), batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
+    key = (batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
            z is not None, seq_idx is not None, initial_states is not None)  # fmt: skip
 
     def tuned(name: str, run) -> dict:
