@@ -1222,9 +1222,9 @@ def _ssd_bwd_impl(
     walk = dict(write_y=False, write_ypre=False, store_states=True, chunk=KERNEL_CHUNK,
                 **_STATES_LAUNCH[large_n])  # fmt: skip
 
-    def states_walk(c: dict) -> tuple:
+    def states_walk(c: dict) -> tuple:  # (a candidate's launch settings replace the walk's)
         return _scan_fwd(x, dt, A, B, C, None, None, dt_bias, initial_states, seq_idx, *proc,
-                         **walk, **c)  # fmt: skip
+                         **{**walk, **c})  # fmt: skip
 
     _, _, _, states = states_walk(tuned("states", states_walk))
 

@@ -595,3 +595,27 @@ def test_forward_tuner_tries_the_split_forward_from_n128() -> None:
     assert split[3]["cb"] is not triton_mod._use_cb(128, None)
     assert split[4]["chunk"] == 128
     assert not any("split_y" in c for c in triton_mod._walk_configs(2, 64, 64, 64, 64, 264))
+
+
+def test_ssd_backward_walk_candidates_chosen_through_the_tuners_agree(monkeypatch) -> None:
+    """The backward's state walks under the other candidate their tuners offer from N = 128 on
+    (the (P, N) tile whole or in N halves), chosen through the tuners as in training, give the
+    default's gradients (fp32 rounding)."""
+    monkeypatch.setattr(triton_mod, "TUNE_MIN_CHUNKS", 1)
+    case = Case(L=70, H=2, G=1, P=32, N=128, batch=1, z=True, docs=True, init=True)
+    t, extra, gy, gf = make_inputs(case)
+    chosen = []
+
+    def grads(i: int) -> dict[str, torch.Tensor]:
+        def choose(key, configs, run_config, device) -> dict:
+            chosen.append(configs()[i])
+            return chosen[-1]
+
+        for name in ("states", "dstates"):
+            monkeypatch.setattr(triton_mod._BWD_TUNERS[name], "choose", choose)
+        return run(ssd_triton, t, extra, gy, gf)
+
+    ref, got = grads(0), grads(1)
+    assert chosen == [{}, {}, {"split_n": True}, {"split_n": True}]
+    for k in ref:
+        assert rel_err(got[k], ref[k]) < 1e-5, k
