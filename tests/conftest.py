@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 # candidate at every new shape: minutes of a GPU run); tuner tests turn it back on.
 os.environ.setdefault("HYBRID_KERNELS_TUNE", "0")
 # ... and tuned choices are not read from or written to the user's cache (~/.cache/hybrid_kernels)
-os.environ.setdefault("HYBRID_KERNELS_TUNE_CACHE", "0")
+os.environ["HYBRID_KERNELS_TUNE_CACHE"] = "0"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1015,17 +1015,25 @@ def _walk_configs(batch: int, H: int, nchunks: int, P: int, N: int, slots: int) 
     return configs
 
 
+def _length_bucket(nchunks: int) -> int:
+    """The chunk count rounded down to a power of two: lengths within one share their tuned
+    launches, and the tuners' keys and candidate lists use it, not the exact count (a stored
+    choice then means the same in every process)."""
+    return 1 << (nchunks.bit_length() - 1)
+
+
 def _tuned_fwd(x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max,
                write_ypre: bool):  # fmt: skip
     """`_scan_fwd` writing y, with the launch `_WALK_TUNER` measured fastest for this shape
-    (once per process; lengths share a choice within a power of two of chunks)."""
+    (on its first use on this GPU model, then from the tuner's cache; lengths share a choice
+    within a power of two of chunks)."""
     batch, L, H, P = x.shape
     G, N = B.shape[2:]
-    nchunks = triton.cdiv(L, FWD_CHUNK)
+    nchunks = _length_bucket(triton.cdiv(L, FWD_CHUNK))
     args = (x, dt, A, B, C, D, z, dt_bias, init, seq_idx, dt_softplus, dt_min, dt_max)
     kw = dict(write_y=True, write_ypre=write_ypre, store_states=False)
-    key = (batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
-           z is not None, seq_idx is not None, init is not None, write_ypre)  # fmt: skip
+    key = (batch, H, P, G, N, nchunks, x.dtype, z is not None, seq_idx is not None,
+           init is not None, write_ypre)  # fmt: skip
     configs = functools.partial(_walk_configs, batch, H, nchunks, P, N, 2 * _sm_count(x.device))
     best = _WALK_TUNER.choose(key, configs, lambda c: _scan_fwd(*args, **kw, **c), x.device)
     return _scan_fwd(*args, **kw, **best)
@@ -1210,9 +1218,9 @@ def _ssd_bwd_impl(
     G, N = B.shape[2:]
     large_n = N >= CB_MIN_N
     dy = dy.contiguous()
-    nchunks = triton.cdiv(L, KERNEL_CHUNK)
-    key = (batch, H, P, G, N, triton.next_power_of_2(nchunks), x.dtype,
-           z is not None, seq_idx is not None, initial_states is not None)  # fmt: skip
+    nchunks = _length_bucket(triton.cdiv(L, KERNEL_CHUNK))
+    key = (batch, H, P, G, N, nchunks, x.dtype, z is not None, seq_idx is not None,
+           initial_states is not None)  # fmt: skip
 
     def tuned(name: str, run) -> dict:
         configs = lambda: _bwd_configs(N, nchunks)[name]  # noqa: E731

@@ -619,3 +619,23 @@ def test_ssd_backward_walk_candidates_chosen_through_the_tuners_agree(monkeypatc
     assert chosen == [{}, {}, {"split_n": True}, {"split_n": True}]
     for k in ref:
         assert rel_err(got[k], ref[k]) < 1e-5, k
+
+
+def test_tuner_keys_and_candidates_depend_on_the_length_bucket_only(monkeypatch) -> None:
+    """Lengths within a power of two of chunks share a key, and their candidate lists are the
+    same (a choice stored by a process that saw one length is a candidate for the others)."""
+    assert [triton_mod._length_bucket(n) for n in (1, 15, 16, 31, 32, 63)] == [1, 8, 16, 16, 32, 32]
+    seen = []
+
+    def choose(key, configs, run_config, device) -> dict:
+        seen.append((key, configs()))
+        return {}
+
+    monkeypatch.setattr(triton_mod._WALK_TUNER, "choose", choose)
+    for nchunks in (17, 31):
+        case = Case(L=nchunks * triton_mod.FWD_CHUNK - 3, H=2, batch=1, N=16)
+        t, extra, _, _ = make_inputs(case)
+        d = {k: v.detach() for k, v in t.items()}
+        triton_mod._tuned_fwd(d["x"], d["dt"], d["A"], d["B"], d["C"], d["D"], None,
+                              d["dt_bias"], None, None, True, 0.01, 5.0, False)  # fmt: skip
+    assert seen[0] == seen[1] and len(seen[0][1]) > 1

@@ -23,16 +23,21 @@ CONFIGS = [{"ms": 3.0}, {"ms": 0.5}, {"ms": 1.5, "nested": {"a": 1}}]
 
 
 class ClockTuner(LaunchTuner):
-    """A tuner whose candidates cost what their "ms" says (timing counted in `timed`)."""
+    """A tuner allowed to time on the CPU whose candidates cost what their "ms" says (None:
+    ran out of memory), timing counted in `timed`; `capturing` stands for a CUDA graph capture."""
 
     def __init__(self, name: str = "t", source: str | None = None) -> None:
         super().__init__(name, source)
         self.timed: list[dict] = []
+        self.capturing = False
 
-    def _can_time(self, device: torch.device) -> bool:
-        return True
+    def _timeable(self, device: torch.device) -> bool:
+        return _tuning.tuning_enabled()
 
-    def _time(self, run, config: dict, required: bool) -> float:
+    def _capturing(self, device: torch.device) -> bool:
+        return self.capturing
+
+    def _time(self, run, config: dict, required: bool) -> float | None:
         self.timed.append(config)
         return config["ms"]
 
@@ -98,8 +103,61 @@ def test_a_corrupt_cache_is_reported_once_and_rewritten(cache, caplog) -> None:
     cache.write_text('{"truncated": ')
     with caplog.at_level(logging.WARNING, logger="hybrid_kernels"):
         assert ClockTuner().choose("k", CONFIGS, None, CPU) == {"ms": 0.5}
-    assert "unreadable" in caplog.text and str(cache) in caplog.text
+        cache.write_text("[1, 2]")  # valid JSON, not an object
+        assert ClockTuner().choose("k2", CONFIGS, None, CPU) == {"ms": 0.5}
+    assert caplog.text.count("unreadable") == 1 and str(cache) in caplog.text
+    assert caplog.text.count("not a JSON object") == 0  # one report per file and kind
     assert list(json.loads(cache.read_text()).values()) == [{"ms": 0.5}]
+    assert cache.stat().st_mode & 0o044  # readable by others (umask 022), unlike mkstemp's 0600
+
+
+def test_keys_with_dtypes_and_devices(cache) -> None:
+    """Keys may hold dtypes, bools and ints (stored by repr); the in-memory choice is per
+    device, the disk one per GPU model (one file)."""
+    key = (2, 64, torch.bfloat16, True, None)
+    ClockTuner().choose(key, CONFIGS, None, CPU)
+    tuner = ClockTuner()
+    assert tuner.choose(key, CONFIGS, None, CPU) == {"ms": 0.5} and tuner.timed == []
+    assert "torch.bfloat16, True, None)" in next(iter(json.loads(cache.read_text())))
+    other = ClockTuner()
+    assert other.choose((2, 64, torch.float16, True, None), CONFIGS, None, CPU) == {"ms": 0.5}
+    assert other.timed == CONFIGS
+
+
+def test_processes_tuning_at_once_keep_the_first_stored_choice(cache) -> None:
+    """Ranks that time the same shape at once can measure different winners: the second to
+    store adopts the first's (so a restart changes no rank's launches)."""
+    first, second = ClockTuner(), ClockTuner()
+    assert first.choose("k", CONFIGS, None, CPU) == {"ms": 0.5}
+    noisy = [{"ms": 3.0}, {"ms": 0.5}, {"ms": 0.1, "nested": {"a": 1}}]  # same configs, new times
+    _tuning._write(cache, next(iter(json.loads(cache.read_text()))), noisy[2], noisy)
+    assert list(json.loads(cache.read_text()).values()) == [{"ms": 0.5}]
+    assert _tuning._write(cache, "t |  | 'k'", {"ms": 3.0}, CONFIGS) is CONFIGS[1]
+    assert second.choose("k", CONFIGS, None, CPU) == {"ms": 0.5}
+
+
+def test_an_out_of_memory_skip_is_not_stored(cache) -> None:
+    """A candidate skipped for running out of memory may fit another time: the choice holds
+    for this process only."""
+    configs = [{"ms": 3.0}, {"ms": None}, {"ms": 1.0}]
+    tuner = ClockTuner()
+    assert tuner.choose("k", configs, None, CPU) == {"ms": 1.0}
+    assert not cache.exists() and tuner.choose("k", configs, None, CPU) == {"ms": 1.0}
+    assert len(tuner.timed) == 3  # remembered in memory
+
+
+def test_a_capture_uses_a_stored_choice_but_never_times(cache) -> None:
+    tuner = ClockTuner()
+    tuner.capturing = True
+    assert tuner.choose("k", CONFIGS, None, CPU) == CONFIGS[0] and tuner.timed == []
+    ClockTuner().choose("k", CONFIGS, None, CPU)  # stored by another process
+    assert tuner.choose("k", CONFIGS, None, CPU) == {"ms": 0.5} and tuner.timed == []
+
+
+def test_a_config_json_cannot_hold_is_not_stored(cache) -> None:
+    configs = [{"ms": 3.0}, {"ms": 0.5, "shape": (1, 2)}]  # a tuple comes back as a list
+    assert ClockTuner().choose("k", configs, None, CPU) is configs[1]
+    assert not cache.exists()
 
 
 def test_an_unwritable_cache_never_fails_the_run(tmp_path, monkeypatch, caplog) -> None:
@@ -119,17 +177,57 @@ def test_an_unwritable_cache_never_fails_the_run(tmp_path, monkeypatch, caplog) 
 def test_the_cache_can_be_turned_off(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HYBRID_KERNELS_TUNE", "1")
     monkeypatch.setenv("HYBRID_KERNELS_TUNE_CACHE", "0")
+    monkeypatch.setenv("HOME", str(tmp_path))
     assert _tuning.tune_cache_path(CPU) is None
     for _ in range(2):  # two processes: both time
         tuner = ClockTuner()
         assert tuner.choose("k", CONFIGS, None, CPU) == {"ms": 0.5} and tuner.timed == CONFIGS
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_the_default_folder_follows_xdg_cache_home(tmp_path, monkeypatch) -> None:
+def test_tuning_off_takes_the_default_without_the_cache(cache, monkeypatch) -> None:
+    ClockTuner().choose("k", CONFIGS, None, CPU)
+    monkeypatch.setenv("HYBRID_KERNELS_TUNE", "0")
+    tuner = ClockTuner()
+    assert tuner.choose("k", CONFIGS, None, CPU) == CONFIGS[0] and tuner.timed == []
+
+
+def test_the_default_folder(tmp_path, monkeypatch, caplog) -> None:
+    """$XDG_CACHE_HOME/hybrid_kernels when it is an absolute path, else ~/.cache/...; no home
+    folder at all turns the cache off with a warning, not an error."""
     monkeypatch.delenv("HYBRID_KERNELS_TUNE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = _tuning.tune_cache_path(CPU)
     assert path.parent == tmp_path / "hybrid_kernels" and path.name.startswith("tune-cpu-triton")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for unset in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", unset)
+        assert (
+            _tuning.tune_cache_path(CPU).parent == tmp_path / "home" / ".cache" / "hybrid_kernels"
+        )
+
+    def no_home() -> None:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(_tuning.Path, "home", no_home)
+    monkeypatch.setattr(_tuning, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="hybrid_kernels"):
+        assert _tuning.tune_cache_path(CPU) is None
+    assert "HYBRID_KERNELS_TUNE_CACHE" in caplog.text
+
+
+def test_a_held_lock_delays_a_write_only_so_long(cache, caplog) -> None:
+    import fcntl
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_name(cache.name + ".lock"), "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process holding it (a separate open)
+        start = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="hybrid_kernels"), _tuning._locked(
+            cache, wait_s=0.3
+        ):  # fmt: skip
+            waited = time.monotonic() - start
+    assert 0.3 <= waited < 5 and "still locked" in caplog.text
 
 
 def _write_many(args: tuple[str, int]) -> None:
@@ -139,7 +237,7 @@ def _write_many(args: tuple[str, int]) -> None:
     os.environ["HYBRID_KERNELS_TUNE_CACHE"] = folder
     path = _tuning.tune_cache_path(CPU)
     for i in range(15):
-        _tuning._write(path, f"w{worker} {i}", {"i": i})
+        _tuning._write(path, f"w{worker} {i}", {"i": i}, [{"i": i}])
 
 
 def test_processes_writing_at_once_merge_their_choices(tmp_path) -> None:
@@ -164,6 +262,7 @@ def test_launch_tuner_skips_candidates_that_do_not_fit(monkeypatch: pytest.Monke
         torch.cuda._sleep(1000)
 
     monkeypatch.setenv("HYBRID_KERNELS_TUNE", "1")
+    monkeypatch.setenv("HYBRID_KERNELS_TUNE_CACHE", "0")  # both calls must time
     configs = [{"fail": None}, {"fail": "smem"}, {"fail": "oom"}]
     assert LaunchTuner("t").choose("k", configs, run, torch.device("cuda")) == {"fail": None}
     with pytest.raises(torch.OutOfMemoryError):
