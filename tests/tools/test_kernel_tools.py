@@ -1,0 +1,48 @@
+"""The SSD kernel tools run on the CPU (Triton's interpreter) at tiny shapes, so a change to the
+kernels' launchers cannot silently break the commands a GPU session runs: tools/bench_kernels.py
+--tiny (ours and the PyTorch reference side by side, det check) and tools/tune_ssd.py --device
+cpu (every kernel's default launch, and one sweep's candidates)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hybrid_kernels.ssd_triton", reason="triton is not installed")
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_kernels_tiny(tmp_path, capsys) -> None:
+    out = tmp_path / "rows.json"
+    assert load("bench_kernels").main(["--tiny", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["impl"] for r in rows} == {"hybrid (triton)", "pytorch reference c256"}
+    ours = next(r for r in rows if r["impl"] == "hybrid (triton)")
+    assert ours["fwd_ms"] > 0 and ours["fwdbwd_ms"] > 0 and ours["note"] == "det=True"
+    assert "| (2, 100, 4, 16, 2, 16) | hybrid (triton) |" in capsys.readouterr().out
+
+
+def test_tune_ssd_on_the_interpreter(capsys) -> None:
+    tune = load("tune_ssd")
+    shape = ["--device", "cpu", "--shape", "1,80,2,16,1,16"]
+    assert tune.main([*shape, "--no-sweep"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fwd y", "split y", "bwd states", "dstates", "dx", "dB dC", "dx+dB dC"):
+        assert f"{name}: default " in out
+    assert tune.main([*shape, "--only", "dx+dB dC"]) == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out  # every candidate ran
+    best = out.splitlines()[-1]
+    assert best.startswith("dx+dB dC: ") and best.count("state_sums") == 3  # the top three
