@@ -1,6 +1,7 @@
-"""The SSD kernel tools run on the CPU (Triton's interpreter) at tiny shapes, so a change to the
+"""The kernel tools run on the CPU (Triton's interpreter) at tiny shapes, so a change to the
 kernels' launchers cannot silently break the commands a GPU session runs: tools/bench_kernels.py
---tiny (ours and the PyTorch reference side by side, det check) and tools/tune_ssd.py --device
+--tiny (ours and the PyTorch reference side by side, det check), tools/bench_kernels_parts.py
+--tiny (conv1d, gated RMSNorm) and tools/tune_ssd.py --device
 cpu (every kernel's default launch, and one sweep's candidates)."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def load(name: str):
+    if str(TOOLS) not in sys.path:  # (tools import each other, as when run as scripts)
+        sys.path.insert(0, str(TOOLS))
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while being defined
@@ -46,3 +49,11 @@ def test_tune_ssd_on_the_interpreter(capsys) -> None:
     assert "failed" not in out  # every candidate ran
     best = out.splitlines()[-1]
     assert best.startswith("dx+dB dC: ") and best.count("state_sums") == 3  # the top three
+
+
+def test_bench_kernels_parts_tiny(tmp_path) -> None:
+    out = tmp_path / "rows.json"
+    assert load("bench_kernels_parts").main(["--tiny", "--no-reference", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["op"] for r in rows} == {"conv", "norm"}
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
