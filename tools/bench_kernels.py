@@ -18,6 +18,7 @@ is not used unless HYBRID_KERNELS_TUNE_CACHE names a folder).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import logging
@@ -32,6 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (when imported, not run)
+
+import ssd_roofline  # noqa: E402
 from hybrid_kernels.ssd_ref import ssd_chunked_ref  # noqa: E402
 from hybrid_kernels.ssd_triton import ssd_triton  # noqa: E402
 
@@ -180,19 +184,38 @@ def print_row(r: Row) -> None:
     )
 
 
-def print_table(rows: list[Row]) -> None:
+def gpu_ceilings(name: str) -> str | None:
+    """The `tools/ssd_roofline.py` ceilings for a GPU name (H100 / H200), else None."""
+    return next((g for g in ssd_roofline.GPUS if g in name.lower()), None)
+
+
+def floor_ratios(shape: str, mine: Row, gpu: str) -> str:
+    """Our times over the floor of one fused pass (tools/ssd_roofline.py) on `gpu`'s ceilings."""
+    bw, rate = ssd_roofline.GPUS[gpu]
+    model = ssd_roofline.kernels(ssd_roofline.Sizes(*ast.literal_eval(shape)))
+    fwd = ssd_roofline.floor_ms(*model["ideal fwd"], bw, rate)[0]
+    both = ssd_roofline.floor_ms(*model["ideal fwd+bwd"], bw, rate)[0]
+    return (
+        f"; ours / floor ({gpu} ceilings): fwd {mine.fwd_ms / fwd:.1f}x of {fwd:.3f} ms, "
+        f"fwd+bwd {mine.fwdbwd_ms / both:.1f}x of {both:.3f} ms"
+    )
+
+
+def print_table(rows: list[Row], gpu: str | None = None) -> None:
     print("| shape (B,L,H,P,G,N) | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | f+b TFLOP/s | note |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print_row(r)
-    print("\nours / mamba_ssm best (lower is better):")
+    print("\nours / mamba_ssm best (lower is better), and ours / the floor of one fused pass:")
     for shape in dict.fromkeys(r.shape for r in rows):
         mine = next(r for r in rows if r.shape == shape and r.impl.startswith("hybrid"))
         peers = [r for r in rows if r.shape == shape and r.impl.startswith("mamba_ssm")]
+        line = f"  {shape}: no mamba_ssm"
         if peers:
             fwd = min(p.fwd_ms for p in peers)
             both = min(p.fwdbwd_ms for p in peers)
-            print(f"  {shape}: fwd {mine.fwd_ms / fwd:.2f}x, fwd+bwd {mine.fwdbwd_ms / both:.2f}x")
+            line = f"  {shape}: fwd {mine.fwd_ms / fwd:.2f}x, fwd+bwd {mine.fwdbwd_ms / both:.2f}x"
+        print(line + (floor_ratios(shape, mine, gpu) if gpu else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows[-len(impls) :]:  # as measured, in case a long run is cut short
             print_row(row)
         torch.cuda.empty_cache() if device == "cuda" else None
-    print_table(rows)
+    print_table(rows, gpu_ceilings(torch.cuda.get_device_name()) if device == "cuda" else None)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0

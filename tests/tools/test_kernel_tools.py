@@ -57,3 +57,19 @@ def test_bench_kernels_parts_tiny(tmp_path) -> None:
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"conv", "norm"}
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
+
+
+def test_bench_kernels_ratio_lines_give_the_floor(capsys) -> None:
+    bench = load("bench_kernels")
+    assert [bench.gpu_ceilings(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "A100")] == [
+        "h200",
+        "h100",
+        None,
+    ]
+    shape = str((2, 8192, 256, 64, 8, 256))
+    rows = [bench.Row(shape, "hybrid (triton)", 3.183, 13.017, 0, 0),
+            bench.Row(shape, "mamba_ssm c256", 3.092, 12.925, 0, 0)]  # fmt: skip
+    bench.print_table(rows, "h200")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "fwd 1.03x, fwd+bwd 1.01x" in line and "fwd 8.0x of 0.398 ms" in line
+    assert "fwd+bwd 10.9x of 1.194 ms" in line
