@@ -13,6 +13,9 @@ C; gated RMSNorm over n_groups; D per head), so its tensors copy under the same 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -169,3 +172,35 @@ def lm_head_from_hf(state: StateReader, cfg: ModelConfig, out: dict[str, Tensor]
     if key in state and not torch.equal(state.take(key), out["embed.weight"]):
         raise ConfigError(f"{state.what}: tie_word_embeddings but {key} differs from the embedding")
     out["lm_head.weight"] = out["embed.weight"]
+
+
+def mamba_prefixed_to_hf(m: Mamba2Config, d_model: int) -> dict[str, Any]:
+    """The Mamba-2 fields of an HF config that names them `mamba_*` (Bamba, GraniteMoeHybrid)."""
+    return dict(
+        mamba_n_heads=m.n_heads(d_model),
+        mamba_d_head=m.head_dim,
+        mamba_n_groups=m.n_groups,
+        mamba_d_state=m.d_state,
+        mamba_d_conv=m.d_conv,
+        mamba_expand=m.expand,
+        mamba_chunk_size=m.chunk_size,
+        mamba_conv_bias=m.conv_bias,
+        mamba_proj_bias=m.bias,
+        time_step_limit=tuple(m.dt_limit),
+    )
+
+
+def mamba_prefixed_from_hf(hf_cfg: Any) -> dict[str, Any]:
+    """Our `mamba` recipe section from an HF config with `mamba_*` fields (the inverse)."""
+    limit = hf_cfg.time_step_limit or (0.0, math.inf)
+    return {
+        "d_state": hf_cfg.mamba_d_state,
+        "head_dim": hf_cfg.mamba_d_head,
+        "expand": hf_cfg.mamba_expand,
+        "n_groups": hf_cfg.mamba_n_groups,
+        "d_conv": hf_cfg.mamba_d_conv,
+        "chunk_size": hf_cfg.mamba_chunk_size,
+        "conv_bias": bool(hf_cfg.mamba_conv_bias),
+        "bias": bool(hf_cfg.mamba_proj_bias),
+        "dt_limit": [float(limit[0]), float(limit[1])],
+    }

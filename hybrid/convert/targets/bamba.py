@@ -9,7 +9,6 @@ fraction to 0.5 unless `rope_parameters` names it, so we always write it there. 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor
@@ -31,6 +30,8 @@ from hybrid.convert.layers import (
     lm_head_from_hf,
     mamba_mismatches,
     mamba_names,
+    mamba_prefixed_from_hf,
+    mamba_prefixed_to_hf,
     mixer_ffn_pairs,
     mlp_names,
     norm_key,
@@ -106,16 +107,7 @@ class Bamba(Target):
             intermediate_size=cfg.mlp.resolved_hidden(cfg.d_model),
             mlp_bias=cfg.mlp.bias,
             hidden_act="silu",
-            mamba_n_heads=m.n_heads(cfg.d_model),
-            mamba_d_head=m.head_dim,
-            mamba_n_groups=m.n_groups,
-            mamba_d_state=m.d_state,
-            mamba_d_conv=m.d_conv,
-            mamba_expand=m.expand,
-            mamba_chunk_size=m.chunk_size,
-            mamba_conv_bias=m.conv_bias,
-            mamba_proj_bias=m.bias,
-            time_step_limit=tuple(m.dt_limit),
+            **mamba_prefixed_to_hf(m, cfg.d_model),
             rms_norm_eps=cfg.norm_eps,
             tie_word_embeddings=cfg.tie_embeddings,
             max_position_embeddings=spec.max_position_embeddings,
@@ -153,7 +145,6 @@ class Bamba(Target):
         n = int(hf_cfg.num_hidden_layers)
         pattern = "".join((ATTENTION if k in attn else MAMBA) + MLP for k in range(n))
         params = hf_cfg.rope_parameters or {}
-        limit = hf_cfg.time_step_limit or (0.0, math.inf)
         data = {
             "d_model": hf_cfg.hidden_size,
             "vocab_size": hf_cfg.vocab_size,
@@ -161,17 +152,7 @@ class Bamba(Target):
             "norm_eps": float(hf_cfg.rms_norm_eps),
             "tie_embeddings": bool(hf_cfg.tie_word_embeddings),
             "layout": {"pattern": pattern},
-            "mamba": {
-                "d_state": hf_cfg.mamba_d_state,
-                "head_dim": hf_cfg.mamba_d_head,
-                "expand": hf_cfg.mamba_expand,
-                "n_groups": hf_cfg.mamba_n_groups,
-                "d_conv": hf_cfg.mamba_d_conv,
-                "chunk_size": hf_cfg.mamba_chunk_size,
-                "conv_bias": bool(hf_cfg.mamba_conv_bias),
-                "bias": bool(hf_cfg.mamba_proj_bias),
-                "dt_limit": [float(limit[0]), float(limit[1])],
-            },
+            "mamba": mamba_prefixed_from_hf(hf_cfg),
             "attention": {
                 "n_heads": hf_cfg.num_attention_heads,
                 "n_kv_heads": hf_cfg.num_key_value_heads,

@@ -44,6 +44,8 @@ from hybrid.convert.layers import (
     lm_head_from_hf,
     mamba_mismatches,
     mamba_names,
+    mamba_prefixed_from_hf,
+    mamba_prefixed_to_hf,
     mixer_ffn_pairs,
     norm_key,
     ours,
@@ -153,16 +155,7 @@ class GraniteMoeHybrid(Target):
             shared_intermediate_size=shared,
             router_aux_loss_coef=moe.aux_loss_coef,
             hidden_act="silu",
-            mamba_n_heads=m.n_heads(cfg.d_model),
-            mamba_d_head=m.head_dim,
-            mamba_n_groups=m.n_groups,
-            mamba_d_state=m.d_state,
-            mamba_d_conv=m.d_conv,
-            mamba_expand=m.expand,
-            mamba_chunk_size=m.chunk_size,
-            mamba_conv_bias=m.conv_bias,
-            mamba_proj_bias=m.bias,
-            time_step_limit=tuple(m.dt_limit),
+            **mamba_prefixed_to_hf(m, cfg.d_model),
             rms_norm_eps=GATED_NORM_EPS if MAMBA in syms else cfg.norm_eps,
             embedding_multiplier=scale,
             residual_multiplier=scale,
@@ -232,7 +225,7 @@ class GraniteMoeHybrid(Target):
             "norm_eps": rounded(eps / m_e**2),
             "tie_embeddings": bool(hf_cfg.tie_word_embeddings),
             "layout": {"pattern": pattern},
-            "mamba": _mamba_section(hf_cfg),
+            "mamba": mamba_prefixed_from_hf(hf_cfg),
             "attention": {
                 "n_heads": hf_cfg.num_attention_heads,
                 "n_kv_heads": hf_cfg.num_key_value_heads,
@@ -294,21 +287,6 @@ def _head_dim(hf_cfg: Any) -> int:
     return int(
         getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
     )
-
-
-def _mamba_section(hf_cfg: Any) -> dict:
-    limit = hf_cfg.time_step_limit or (0.0, math.inf)
-    return {
-        "d_state": hf_cfg.mamba_d_state,
-        "head_dim": hf_cfg.mamba_d_head,
-        "expand": hf_cfg.mamba_expand,
-        "n_groups": hf_cfg.mamba_n_groups,
-        "d_conv": hf_cfg.mamba_d_conv,
-        "chunk_size": hf_cfg.mamba_chunk_size,
-        "conv_bias": bool(hf_cfg.mamba_conv_bias),
-        "bias": bool(hf_cfg.mamba_proj_bias),
-        "dt_limit": [float(limit[0]), float(limit[1])],
-    }
 
 
 def _experts_from_hf(state: StateReader, p: str, j: int, out: dict[str, Tensor]) -> None:
