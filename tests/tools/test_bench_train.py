@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,17 @@ from hybrid.model import build_model
 from hybrid.recipe.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-TOOLS = ROOT / "tools"
 HYBRID_TINY = ROOT / "recipes" / "debug" / "hybrid-tiny.yaml"
 
 
-def load(name: str):
-    sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bench(load_tool):
+    return load_tool("bench_train")
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return load("bench_train")
-
-
-@pytest.fixture(scope="module")
-def baseline():
-    return load("bench_baseline")
+def baseline(load_tool):
+    return load_tool("bench_baseline")
 
 
 def tiny_setup(bench, recipe, *, batch=2, seq_len=32, rate=1e9):

@@ -6,30 +6,16 @@ cpu (every kernel's default launch, and one sweep's candidates)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("hybrid_kernels.ssd_triton", reason="triton is not installed")
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
-def load(name: str):
-    if str(TOOLS) not in sys.path:  # (tools import each other, as when run as scripts)
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_kernels_tiny(tmp_path, capsys) -> None:
+def test_bench_kernels_tiny(load_tool, tmp_path, capsys) -> None:
     out = tmp_path / "rows.json"
-    assert load("bench_kernels").main(["--tiny", "--json", str(out)]) == 0
+    assert load_tool("bench_kernels").main(["--tiny", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {r["impl"] for r in rows} == {"hybrid (triton)", "pytorch reference c256"}
     ours = next(r for r in rows if r["impl"] == "hybrid (triton)")
@@ -37,8 +23,8 @@ def test_bench_kernels_tiny(tmp_path, capsys) -> None:
     assert "| (2, 100, 4, 16, 2, 16) | hybrid (triton) |" in capsys.readouterr().out
 
 
-def test_tune_ssd_on_the_interpreter(capsys) -> None:
-    tune = load("tune_ssd")
+def test_tune_ssd_on_the_interpreter(load_tool, capsys) -> None:
+    tune = load_tool("tune_ssd")
     shape = ["--device", "cpu", "--shape", "1,80,2,16,1,16"]
     assert tune.main([*shape, "--no-sweep"]) == 0
     out = capsys.readouterr().out
@@ -51,16 +37,18 @@ def test_tune_ssd_on_the_interpreter(capsys) -> None:
     assert best.startswith("dx+dB dC: ") and best.count("state_sums") == 3  # the top three
 
 
-def test_bench_kernels_parts_tiny(tmp_path) -> None:
+def test_bench_kernels_parts_tiny(load_tool, tmp_path) -> None:
     out = tmp_path / "rows.json"
-    assert load("bench_kernels_parts").main(["--tiny", "--no-reference", "--json", str(out)]) == 0
+    assert (
+        load_tool("bench_kernels_parts").main(["--tiny", "--no-reference", "--json", str(out)]) == 0
+    )
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"conv", "norm"}
     assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in rows)
 
 
-def test_bench_kernels_ratio_lines_give_the_floor(capsys) -> None:
-    bench = load("bench_kernels")
+def test_bench_kernels_ratio_lines_give_the_floor(load_tool, capsys) -> None:
+    bench = load_tool("bench_kernels")
     assert [bench.gpu_ceilings(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "A100")] == [
         "h200",
         "h100",

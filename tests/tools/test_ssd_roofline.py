@@ -4,25 +4,15 @@ and its command line reports bad input in one line."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hybrid_kernels.ssd_ref import ssd_chunked_ref
 from torch.utils.flop_counter import FlopCounterMode
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-
 
 @pytest.fixture(scope="module")
-def roof():
-    spec = importlib.util.spec_from_file_location("ssd_roofline", TOOLS / "ssd_roofline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ssd_roofline"] = module  # dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+def roof(load_tool):
+    return load_tool("ssd_roofline")
 
 
 def _inputs(B: int, L: int, H: int, P: int, G: int, N: int, dtype=torch.bfloat16) -> tuple:
