@@ -27,8 +27,8 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 
@@ -134,12 +134,6 @@ def _locked(path: Path, wait_s: float = 10.0) -> Iterator[None]:
         yield
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write(path: Path, entry: str, config: dict, configs: Sequence[dict]) -> dict:
     """Store `entry: config` in the cache file (read, merge, atomically replace, under a lock)
     unless another process stored a choice among `configs` first: then return that one, so
@@ -151,9 +145,11 @@ def _write(path: Path, entry: str, config: dict, configs: Sequence[dict]) -> dic
             if data.get(entry) in configs:
                 return configs[configs.index(data[entry])]
             data[entry] = config
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            # a fresh temporary name; mode 0666 less the umask (mkstemp's 0600 would hide the
+            # cache from other users of a shared folder)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
-                os.fchmod(fd, 0o666 & ~_umask())  # (mkstemp's 0600 would hide it from others)
                 with os.fdopen(fd, "w") as f:
                     json.dump(data, f, indent=1, sort_keys=True)
                 os.replace(tmp, path)
